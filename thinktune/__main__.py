@@ -1,0 +1,5 @@
+import sys
+
+from thinktune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""Export: find the base of an adapter folder, load base + adapter, merge into a 16-bit model.
+
+`merge(adapter_dir, out_dir)` writes safetensors + config + tokenizer that
+`AutoModelForCausalLM.from_pretrained(out_dir)` loads and that gives the same greedy
+tokens as base + adapter. It refuses to write into a folder that holds files.
+This module never trains.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thinktune.config import ModelConfig, config_from_dict
+from thinktune.errors import UserError
+from thinktune.model import DTYPES, ModelSource, load_base_model, load_tokenizer, resolve_source
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    folder = Path(adapter_dir).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"adapter folder {folder} not found")
+    if not (folder / "adapter_config.json").is_file():
+        hint = ""
+        ckpts = sorted(folder.glob("checkpoint-*/adapter_config.json"))
+        if ckpts:
+            hint = f"; it holds checkpoints, e.g. {ckpts[-1].parent}"
+        raise UserError(f"{folder} holds no adapter (no adapter_config.json){hint}")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{folder} has adapter_config.json but no adapter_model.safetensors")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as fh:
+            for key in fh.keys():
+                fh.get_slice(key)
+    except Exception as exc:
+        raise UserError(f"{weights} is corrupt or truncated ({type(exc).__name__}); re-export or use another checkpoint") from None
+    return folder
+
+
+def adapter_base_config(adapter_dir: Path, base: str | None = None, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """The ModelConfig the adapter was trained with (from its config.json), or from adapter_config.json."""
+    run_cfg = adapter_dir / "config.json"
+    if run_cfg.is_file():
+        data = json.loads(run_cfg.read_text(encoding="utf-8"))
+        model_cfg = config_from_dict({"model": data.get("model", {})}).model
+    else:
+        peft_cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        name = peft_cfg.get("base_model_name_or_path")
+        if not name and not base:
+            raise UserError(f"{adapter_dir}: the adapter does not name its base model; pass --base")
+        model_cfg = ModelConfig(name_or_path=name or "")
+    if base:
+        model_cfg.name_or_path, model_cfg.gguf_file = base, None
+    for key, value in (overrides or {}).items():
+        setattr(model_cfg, key, value)
+    return model_cfg
+
+
+def load_with_adapter(adapter_dir: str | Path | None, base: str | None = None,
+                      overrides: dict[str, Any] | None = None) -> tuple[Any, Any, ModelConfig]:
+    """(model, tokenizer, model config): base alone, or base + adapter as a PeftModel in eval mode."""
+    if adapter_dir is None:
+        if not base:
+            raise UserError("give --adapter DIR or --base MODEL")
+        model_cfg = ModelConfig(name_or_path=base)
+        for key, value in (overrides or {}).items():
+            setattr(model_cfg, key, value)
+        source = resolve_source(model_cfg)
+        tokenizer = load_tokenizer(source, model_cfg.trust_remote_code)
+        model = load_base_model(model_cfg, source)
+        return model.eval(), tokenizer, model_cfg
+    from peft import PeftModel
+
+    folder = check_adapter_dir(adapter_dir)
+    model_cfg = adapter_base_config(folder, base, overrides)
+    source = resolve_source(model_cfg)
+    tok_source = ModelSource(str(folder)) if (folder / "tokenizer_config.json").is_file() else source
+    tokenizer = load_tokenizer(tok_source, model_cfg.trust_remote_code)
+    model = load_base_model(model_cfg, source)
+    try:
+        model = PeftModel.from_pretrained(model, str(folder))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"{folder} does not fit base model {model_cfg.name_or_path}: {str(exc).splitlines()[0][:200]}") from None
+    return model.eval(), tokenizer, model_cfg
+
+
+def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", base: str | None = None) -> Path:
+    """Merge the adapter into a full-precision copy of its base and save it in `dtype` (16-bit by default)."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; choose a new folder (nothing was written)")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    overrides = {"load_in_4bit": False, "load_in_8bit": False, "dtype": "fp32" if not torch.cuda.is_available() else dtype}
+    model, tokenizer, _ = load_with_adapter(adapter_dir, base, overrides)
+    merged = model.merge_and_unload()
+    merged = merged.to(DTYPES[dtype])
+    merged.config.use_cache = True
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,356 @@
+"""The training loop: run `TrainStep` over the data, log, checkpoint, resume, stop gracefully.
+
+Exact resume: the data order is a function of (seed, epoch), the position is the
+count of micro-batches consumed, and a checkpoint stores adapters, optimizer, RNG
+states and `LoopState`; it is only ever taken at an optimizer-step boundary. So
+training N steps straight and K steps + kill + `--resume latest` give identical
+adapter tensors and identical logged losses after the resume point (on CPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import statistics
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from thinktune import checkpoint as ckpt
+from thinktune.config import RunConfig
+from thinktune.data import Example, collate, epoch_batches
+from thinktune.errors import TrainingStopped, UserError
+from thinktune.lora import adapter_parameters
+from thinktune.metrics import MetricsWriter
+from thinktune.train import (SPIKE_WINDOW, LoopState, Run, StepResult, TrainStep, build_optimizer, evaluate_loss,
+                             fused_loss_applies, lr_at, precision_dtype, prepare, total_steps)
+
+
+class MicroBatches:
+    """The endless stream of micro-batches over epochs; index i is the i-th micro-batch of the run."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int):
+        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.per_epoch = math.ceil(len(examples) / batch_size)
+        self._epoch, self._batches = -1, []  # type: ignore[var-annotated]
+
+    def indices(self, index: int) -> list[int]:
+        epoch = index // self.per_epoch
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, epoch_batches(len(self.examples), self.batch_size, self.seed, epoch)
+        return self._batches[index % self.per_epoch]
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        return collate([self.examples[i] for i in self.indices(index)], self.pad_id)
+
+
+class GracefulStop:
+    """Ctrl-C / SIGTERM ask the loop to save and exit at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker)
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping", flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_compatible(folder: Path, cfg: RunConfig) -> None:
+    """Refuse a checkpoint made for another base model or another adapter shape."""
+    adapter_cfg = folder / "adapter_config.json"
+    if not adapter_cfg.is_file():
+        raise UserError(f"{folder}: no adapter_config.json; not a LoRA checkpoint")
+    saved = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
+    old_model = saved.get("model", {}).get("name_or_path")
+    if old_model and old_model != cfg.model.name_or_path:
+        raise UserError(f"{folder} was trained on base model {old_model}, but the config asks for {cfg.model.name_or_path}")
+    peft_cfg = json.loads(adapter_cfg.read_text(encoding="utf-8"))
+    old_targets = sorted(peft_cfg.get("target_modules") or [])
+    if peft_cfg.get("r") != cfg.lora.r or old_targets != sorted(cfg.lora.target_modules):
+        raise UserError(
+            f"{folder} has LoRA r={peft_cfg.get('r')} on {old_targets}, but the config asks r={cfg.lora.r} on "
+            f"{sorted(cfg.lora.target_modules)}; use the same lora settings to resume"
+        )
+
+
+def load_adapter_weights(model: Any, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = folder / "adapter_model.safetensors"
+    try:
+        weights = load_file(str(path))
+    except Exception as exc:
+        raise UserError(f"{path} is missing or corrupt ({type(exc).__name__}); resume from another checkpoint") from None
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    if missing:
+        raise UserError(f"{path} does not match the model ({len(missing)} unexpected tensors, e.g. {missing[0]})")
+
+
+class Trainer:
+    """Owns one run: its model, optimizer, step function, state, metrics and checkpoints."""
+
+    def __init__(self, run: Run, log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1):
+        cfg = run.cfg
+        self.run, self.cfg, self.log = run, cfg, log
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.output_dir = Path(cfg.output.output_dir)
+        self.params = list(adapter_parameters(run.model).values())
+        self.optimizer = build_optimizer(self.params, cfg, run.device, log)
+        self.amp_dtype = precision_dtype(cfg.train.precision, run.device)
+        fused = False
+        if cfg.train.fast_path != "off":
+            fused, why = fused_loss_applies(run.model)
+            log(f"training path: {'fast' if fused else 'plain'} ({why})")
+        else:
+            log("training path: plain (train.fast_path=off)")
+        self.step_fn = TrainStep(run.model, self.optimizer, run.device, self.amp_dtype, cfg.train.max_grad_norm, fused)
+        self.pad_id = run.tokenizer.pad_token_id
+        self.stream = MicroBatches(run.train_examples, cfg.train.batch_size, cfg.train.seed, self.pad_id)
+        self.total = total_steps(cfg, len(run.train_examples), world_size)
+        self.state = LoopState()
+        self.metrics: MetricsWriter | None = None
+        self.last_eval_step = -1
+
+    # ---------------------------------------------------------------- checkpoint state
+    def trainer_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+                                 "loop": asdict(self.state), "world_size": self.world_size}
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if self.step_fn.scaler is not None:
+            state["scaler"] = self.step_fn.scaler.state_dict()
+        return state
+
+    def save(self) -> Path:
+        step = self.state.step
+
+        def write_files(folder: Path) -> None:
+            self.run.model.save_pretrained(str(folder), safe_serialization=True)
+            self.run.tokenizer.save_pretrained(str(folder))
+            torch.save(self.trainer_state(), folder / "trainer_state.pt")
+            (folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2), encoding="utf-8")
+
+        path = ckpt.write_checkpoint(self.output_dir, step, write_files, {"base_model": self.run.source.path})
+        ckpt.prune_checkpoints(self.output_dir, self.cfg.train.save_total_limit,
+                               protect={Path(self.state.best_checkpoint)} if self.state.best_checkpoint else None)
+        return path
+
+    def restore(self, folder: Path) -> None:
+        check_compatible(folder, self.cfg)
+        load_adapter_weights(self.run.model, folder)
+        saved = ckpt.load_trainer_state(folder)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.state = LoopState(**saved["loop"])
+        if saved.get("world_size", 1) != self.world_size:
+            self.log(f"notice: checkpoint was saved with {saved.get('world_size', 1)} processes, resuming with "
+                     f"{self.world_size}; the data position is re-sharded")
+        torch.set_rng_state(saved["rng_cpu"])
+        if "rng_cuda" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng_cuda"])
+        if "scaler" in saved and self.step_fn.scaler is not None:
+            self.step_fn.scaler.load_state_dict(saved["scaler"])
+
+    # ---------------------------------------------------------------- one step of bookkeeping
+    def after_step(self, result: StepResult, lr: float, elapsed: float) -> dict[str, Any] | None:
+        st, tcfg = self.state, self.cfg.train
+        st.step += 1
+        record: dict[str, Any] | None = None
+        if result.skipped:
+            st.consecutive_bad += 1
+            st.bad_steps.append(st.step)
+            self.log(f"step {st.step}: non-finite loss or grad norm (loss={result.loss}, grad_norm={result.grad_norm}); "
+                     f"update skipped ({st.consecutive_bad}/{tcfg.max_bad_steps} in a row)")
+            if self.metrics:
+                self.metrics.write({"kind": "train", "step": st.step, "skipped": True, "loss": None, "lr": lr})
+            return None
+        st.consecutive_bad = 0
+        history = st.grad_norms[-SPIKE_WINDOW:]
+        spike = len(history) >= 5 and result.grad_norm > tcfg.spike_factor * statistics.median(history)
+        if spike:
+            st.spikes.append(st.step)
+        st.grad_norms = (history + [result.grad_norm])[-SPIKE_WINDOW:]
+        st.window_loss += result.loss
+        st.window_steps += 1
+        if st.step % tcfg.logging_steps == 0 or st.step == self.total or spike:
+            record = {
+                "kind": "train", "step": st.step, "epoch": round(st.micro_batch / self.stream.per_epoch, 4),
+                "loss": st.window_loss / st.window_steps, "grad_norm": result.grad_norm, "lr": lr,
+                "tokens_per_s": round(result.real_tokens * self.world_size / max(elapsed, 1e-9), 1),
+                "target_tokens": result.target_tokens, "spike": spike, "clip": tcfg.max_grad_norm,
+            }
+            if self.run.device.type == "cuda":
+                record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            st.window_loss, st.window_steps = 0.0, 0
+            if self.metrics:
+                self.metrics.write(record)
+        return record
+
+    def maybe_evaluate(self, force: bool = False) -> float | None:
+        every = self.cfg.train.eval_steps
+        if not self.run.eval_examples or not (force or (every and self.state.step % every == 0)):
+            return None
+        if self.last_eval_step == self.state.step:
+            return None
+        self.last_eval_step = self.state.step
+        loss, tokens = evaluate_loss(self.run.model, self.run.eval_examples, self.cfg.train.batch_size, self.pad_id,
+                                     self.run.device, self.amp_dtype)
+        best = self.state.best_eval_loss is None or loss < self.state.best_eval_loss
+        if best:
+            self.state.best_eval_loss = loss
+        if self.metrics:
+            self.metrics.write({"kind": "eval", "step": self.state.step, "eval_loss": loss,
+                                "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": tokens, "best": best})
+        self.log(f"eval at step {self.state.step}: loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}{' (best)' if best else ''}")
+        return loss if best else None
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if resume_from is not None:
+            self.restore(resume_from)
+            self.log(f"resuming from {resume_from} (step {self.state.step} of {self.total})")
+        if self.is_main:
+            self.metrics = MetricsWriter(self.output_dir, cfg.output.tensorboard)
+            if resume_from is not None:
+                self.metrics.truncate_after(self.state.step)
+        self.run.model.train()
+        accum = cfg.train.grad_accum
+        started = time.time()
+        stopped_early = False
+        bar = tqdm(total=self.total, initial=self.state.step, disable=not self.is_main, dynamic_ncols=True, unit="step")
+        with GracefulStop() as stop:
+            while self.state.step < self.total:
+                first = self.state.micro_batch * self.world_size + self.rank
+                batches = [self.stream.batch(first + i * self.world_size) for i in range(accum)]
+                lr = lr_at(self.state.step, self.total, cfg)
+                t0 = time.perf_counter()
+                result = self.run_step(batches, lr)
+                self.state.micro_batch += accum
+                record = self.after_step(result, lr, time.perf_counter() - t0)
+                if record:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                improved = self.maybe_evaluate()
+                at_save = cfg.train.save_steps and self.state.step % cfg.train.save_steps == 0
+                if self.state.consecutive_bad >= cfg.train.max_bad_steps:
+                    bar.close()
+                    last = ckpt.list_checkpoints(self.output_dir)
+                    where = f"; last good checkpoint: {last[-1].path}" if last else ""
+                    raise TrainingStopped(f"stopped: {self.state.consecutive_bad} steps in a row had NaN/Inf loss or grad "
+                                          f"norm (lower train.lr or check the data){where}", exit_code=1)
+                if (at_save or stop.requested) and self.state.step < self.total:
+                    path = self.save_main()
+                    if improved is not None and path is not None:
+                        self.state.best_checkpoint = str(path)
+                if stop.requested:
+                    stopped_early = True
+                    break
+        bar.close()
+        return self.finish(started, stopped_early)
+
+    def run_step(self, batches: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
+        try:
+            return self.step_fn(batches, lr)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise TrainingStopped(
+                "out of GPU memory: lower train.batch_size or data.max_seq_length, turn on "
+                "train.gradient_checkpointing, or load the base in 4-bit (model.load_in_4bit=true); "
+                "the last checkpoint is intact", exit_code=3) from None
+
+    def save_main(self) -> Path | None:
+        return self.save() if self.is_main else None
+
+    def finish(self, started: float, stopped_early: bool) -> dict[str, Any]:
+        st, cfg = self.state, self.cfg
+        if not stopped_early:
+            improved = self.maybe_evaluate(force=True)
+        path = self.save_main()
+        if not stopped_early and improved is not None and path is not None:
+            st.best_checkpoint = str(path)
+        summary = {
+            "kind": "summary", "step": st.step, "total_steps": self.total, "stopped_early": stopped_early,
+            "seconds": round(time.time() - started, 1), "bad_steps": st.bad_steps, "spikes": st.spikes,
+            "clip": cfg.train.max_grad_norm, "best_eval_loss": st.best_eval_loss, "best_checkpoint": st.best_checkpoint,
+            "checkpoint": str(path) if path else None,
+        }
+        if self.is_main:
+            if not stopped_early:
+                self.save_final_adapter()
+            ckpt.atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
+            if self.metrics:
+                self.metrics.write(summary)
+                self.metrics.close()
+            self.log(spike_summary(st.spikes, cfg.train.max_grad_norm, cfg.train.spike_factor))
+        return summary
+
+    def save_final_adapter(self) -> None:
+        """The final adapter and tokenizer land in output_dir itself (files replaced atomically)."""
+        tmp = self.output_dir / f"{ckpt.TMP_PREFIX}final-{time.time_ns()}"
+        tmp.mkdir()
+        self.run.model.save_pretrained(str(tmp), safe_serialization=True)
+        self.run.tokenizer.save_pretrained(str(tmp))
+        (tmp / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2), encoding="utf-8")
+        ckpt.fsync_tree(tmp)
+        for item in tmp.iterdir():
+            target = self.output_dir / item.name
+            if item.is_dir():
+                continue
+            item.replace(target)
+        ckpt.fsync_dir(self.output_dir)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def spike_summary(spikes: list[int], clip: float, factor: float) -> str:
+    if not spikes:
+        return f"grad-norm spikes: none (rule: > {factor:g}x the rolling median of the last {SPIKE_WINDOW} steps)"
+    where = ", ".join(map(str, spikes[:10])) + (" ..." if len(spikes) > 10 else "")
+    clipping = f"clipping at {clip:g} was on, so each spike's update was bounded" if clip > 0 else \
+        "clipping was OFF (train.max_grad_norm=0): spikes went into the update unbounded"
+    return f"grad-norm spikes: {len(spikes)} at step(s) {where} (> {factor:g}x rolling median); {clipping}"
+
+
+def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) a training described by cfg; return the summary."""
+    output_dir = Path(cfg.output.output_dir)
+    resume_from = ckpt.find_resume_checkpoint(output_dir, resume).path if resume else None
+    if resume_from is not None:
+        check_compatible(resume_from, cfg)
+    else:
+        ckpt.check_output_dir(output_dir, cfg.output.overwrite)  # fail before the slow loading
+    run = prepare(cfg, log)
+    if resume_from is None:
+        ckpt.claim_output_dir(output_dir, uuid.uuid4().hex, cfg.output.overwrite)
+    trainer = Trainer(run, log)
+    summary = trainer.fit(resume_from)
+    if summary["stopped_early"]:
+        log(f"stopped at step {summary['step']}; continue with: thinktune train <config> --resume latest")
+    else:
+        log(f"done: adapter saved in {output_dir}")
+    return summary
