@@ -10,27 +10,20 @@ benchmark times, so a faster step replaces it without touching the loop.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import signal
-import statistics
-import time
-import uuid
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from thinktune import checkpoint as ckpt
 from thinktune.config import RunConfig
 from thinktune.data import (IGNORE_INDEX, DataReport, Example, PromptFormat, build_examples, carve_eval, collate,
-                            epoch_batches, load_samples)
-from thinktune.errors import TrainingStopped, UserError
+                            load_samples)
+from thinktune.errors import UserError
 from thinktune.kernels import fused_linear_cross_entropy
-from thinktune.lora import adapter_parameters, attach_lora
-from thinktune.metrics import MetricsWriter
+from thinktune.lora import attach_lora
 from thinktune.model import ModelSource, load_base_model, load_tokenizer, model_summary, pick_device, resolve_source
 
 SPIKE_WINDOW = 50
@@ -180,55 +173,77 @@ def fused_loss_applies(model: Any) -> tuple[bool, str]:
     return True, "fused linear cross-entropy: the 152k-vocab logits are never materialised"
 
 
+class CausalLMLoss(torch.nn.Module):
+    """forward(batch) -> sum of next-token losses over the batch's target tokens.
+
+    A module (not a function) so that data-parallel wrappers (DDP, FSDP) can wrap the
+    whole forward + loss. With `fused=True` the LM head and cross-entropy run chunked
+    (kernels.fused_linear_cross_entropy) and the full logits never exist.
+    """
+
+    def __init__(self, model: Any, fused: bool):
+        super().__init__()
+        self.model = model
+        self.fused = fused
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        targets = labels[:, 1:].reshape(-1)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
+        if self.fused:
+            decoder, head = causal_lm_parts(self.model)
+            hidden = decoder(**inputs).last_hidden_state[:, :-1]
+            return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets,
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+        logits = self.model(**inputs).logits[:, :-1]
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets,
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 class TrainStep:
     """One optimizer step over a list of micro-batches: forward, backward, clip, update.
 
     The loss is the sum of token losses over the step divided by the step's target
     tokens (so accumulation equals one big batch). A step whose loss or grad norm is
     not finite updates nothing. `grad_norm` is the norm before clipping.
+    Seams for data parallelism: `loss_module` may be a DDP-wrapped `CausalLMLoss`,
+    `no_sync(is_last)` returns the context for each micro-batch's backward, and
+    `count_tokens` may all-reduce the step's target-token count across processes
+    (`loss_multiplier` then undoes the wrapper's gradient averaging).
     """
 
     def __init__(self, model: Any, optimizer: torch.optim.Optimizer, device: torch.device,
-                 amp_dtype: torch.dtype | None, max_grad_norm: float, fused_loss: bool):
+                 amp_dtype: torch.dtype | None, max_grad_norm: float, fused_loss: bool,
+                 loss_module: torch.nn.Module | None = None):
         self.model = model
         self.optimizer = optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.device = device
         self.amp_dtype = amp_dtype
         self.max_grad_norm = max_grad_norm
-        self.fused_loss = fused_loss
+        self.loss_module = loss_module if loss_module is not None else CausalLMLoss(model, fused_loss)
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        self.grad_scale_divisor = 1.0  # data-parallel wrappers set this to their averaging factor
+        self.loss_multiplier = 1.0
+        self.no_sync: Callable[[bool], Any] = lambda is_last: contextlib.nullcontext()
+        self.count_tokens: Callable[[int], int] = lambda local: local
 
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of next-token losses over the batch's target tokens."""
-        labels = batch["labels"][:, 1:]
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        if self.fused_loss:
-            decoder, head = causal_lm_parts(self.model)
-            hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
-            return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight,
-                                              labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-        logits = self.model(**inputs, use_cache=False).logits[:, :-1]
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-
-    def __call__(self, micro_batches: list[dict[str, torch.Tensor]], lr: float, target_tokens: int | None = None) -> StepResult:
+    def __call__(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if target_tokens is None:
-            target_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        target_tokens = self.count_tokens(local_tokens)
         denom = max(1, target_tokens)
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         real_tokens = 0
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             real_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                loss = self.loss_sum(batch) / denom
-            total += loss.detach()
-            scaled = loss * self.grad_scale_divisor
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            with self.no_sync(i == len(micro_batches) - 1):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = self.loss_module(**batch) / denom
+                total += loss.detach()
+                scaled = loss * self.loss_multiplier
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")

@@ -59,7 +59,9 @@ def _check_args(
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} does not end in H = {weight.shape[1]} (weight {tuple(weight.shape)})")
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} does not end in H = {weight.shape[1]} (weight {tuple(weight.shape)})"
+        )
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
