@@ -34,7 +34,7 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(folder: Path, vocab_size: int = 600):
+def build_tokenizer(folder: Path, vocab_size: int = 2000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -106,7 +106,7 @@ def tiny_config(model_dir: Path, output_dir: Path, **sections) -> "RunConfig":  
     data = {
         "model": {"name_or_path": str(model_dir), "device": "cpu"},
         "lora": {"r": 4, "alpha": 8},
-        "data": {"path": "sample:en", "template": "seed-en", "max_seq_length": 256, "max_rows": 24},
+        "data": {"path": "sample:en", "template": "seed-en", "max_seq_length": 512, "max_rows": 24},
         "train": {"batch_size": 2, "grad_accum": 2, "max_steps": 6, "lr": 1e-3, "warmup_steps": 1,
                   "optimizer": "adamw", "precision": "fp32", "gradient_checkpointing": False,
                   "logging_steps": 1, "save_steps": 2, "seed": 1},

@@ -41,6 +41,8 @@ def attach_lora(model: Any, cfg: LoraConfig, seed: int, gradient_checkpointing: 
     if cfg.loftq:
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
             raise UserError("lora.loftq needs the full-precision base: set model.load_in_4bit=false (LoftQ quantises it itself)")
+        if not torch.cuda.is_available():
+            raise UserError("lora.loftq needs a CUDA GPU (PEFT's LoftQ initialisation runs there); set lora.loftq=false on CPU")
         init, loftq = "loftq", LoftQConfig(loftq_bits=cfg.loftq_bits)
     peft_cfg = PeftLoraConfig(
         task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,

@@ -170,7 +170,7 @@ def fused_loss_applies(model: Any) -> tuple[bool, str]:
     config = getattr(model, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return False, "the model scales or soft-caps its logits"
-    return True, "fused linear cross-entropy: the 152k-vocab logits are never materialised"
+    return True, f"fused linear cross-entropy: the {head.out_features:,}-vocab logits are never materialised"
 
 
 class CausalLMLoss(torch.nn.Module):

@@ -1,0 +1,181 @@
+"""Data: the seed's templates byte for byte, chat mode keeps the CoT, labels keep EOS, policies counted."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from thinktune.config import DataConfig
+from thinktune.data import (IGNORE_INDEX, SEED_ZH_TRAIN, DataReport, PromptFormat, Sample, build_examples, carve_eval,
+                            collate, collate_packed, epoch_batches, length_histogram, load_samples, render_loss_span,
+                            split_thinking, tokenize_sample)
+from thinktune.errors import UserError
+
+SEED = sorted((Path(__file__).resolve().parents[2] / "shared" / "seed").glob("*.txt"))
+SAMPLE = Sample("What is atrial fibrillation?", "It is an irregular rhythm of the atria.", "An arrhythmia; consider anticoagulation.")
+# A template that behaves like DeepSeek-R1-Distill's: assistant turns lose everything up to </think>.
+R1_LIKE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>User: {{ m['content'] }}"
+    "{% else %}{% set c = m['content'] %}{% if '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+    "<|im_start|>Assistant: {{ c }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>Assistant: <think>\n{% endif %}"
+)
+
+
+@pytest.fixture()
+def tokenizer(tiny_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.mark.skipif(not SEED, reason="shared/seed not beside the checkout")
+def test_zh_template_is_the_seeds_byte_for_byte():
+    text = SEED[0].read_text(encoding="utf-8")
+    seed_train = re.search(r'train_prompt_style = """(.*?)"""', text, re.S).group(1)
+    assert SEED_ZH_TRAIN == seed_train
+    seed_infer = re.search(r'\nprompt_style = """(.*?)"""', text, re.S).group(1)
+    fmt = PromptFormat("seed-zh")
+    assert fmt.prompt("Q?") == seed_infer.format("Q?", "")
+    assert fmt.prompt("Q?") + fmt.completion("C", "A") == seed_train.format("Q?", "C", "A")
+
+
+def test_inference_prompt_is_the_training_prefix(tokenizer):
+    for template in ("seed-zh", "seed-en", "chat"):
+        fmt = PromptFormat(template, tokenizer)
+        prompt = fmt.prompt(SAMPLE.question)
+        assert prompt.endswith("<think>\n")
+        ex = tokenize_sample(SAMPLE, fmt, tokenizer)
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        assert ex.input_ids[: len(prompt_ids)] == prompt_ids
+
+
+def test_eos_stays_a_target_when_pad_equals_eos(tokenizer):
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    ex = tokenize_sample(SAMPLE, PromptFormat("seed-en"), tokenizer)
+    assert ex.input_ids[-1] == tokenizer.eos_token_id and ex.labels[-1] == tokenizer.eos_token_id
+    short = tokenize_sample(Sample("Q", "c", "a"), PromptFormat("seed-en"), tokenizer)
+    batch = collate([ex, short], tokenizer.pad_token_id)
+    row = batch["labels"][1]
+    n = len(short.input_ids)
+    assert row[n - 1] == tokenizer.eos_token_id  # the real EOS is a target
+    assert (row[n:] == IGNORE_INDEX).all()  # padding (same id) is not
+    assert batch["attention_mask"][1, :n].all() and not batch["attention_mask"][1, n:].any()
+
+
+def test_completion_only_vs_all(tokenizer):
+    fmt = PromptFormat("seed-en")
+    comp = tokenize_sample(SAMPLE, fmt, tokenizer, "completion")
+    full = tokenize_sample(SAMPLE, fmt, tokenizer, "all")
+    n_prompt = len(tokenizer(fmt.prompt(SAMPLE.question))["input_ids"])
+    assert comp.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert comp.labels[n_prompt:] == comp.input_ids[n_prompt:]
+    assert full.labels == full.input_ids
+    shown = render_loss_span(comp, tokenizer)
+    assert "[[LOSS>" in shown and shown.index("[[LOSS>") > shown.index("### Response:")
+    assert "</think>" in shown.split("[[LOSS>")[1]
+
+
+def test_chat_mode_keeps_the_cot_with_an_r1_like_template(tokenizer):
+    tokenizer.chat_template = R1_LIKE
+    fmt = PromptFormat("chat", tokenizer)
+    # Rendering the whole conversation through the template would lose the CoT ...
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nsecret cot\n</think>\n\nA"}], tokenize=False)
+    assert "secret cot" not in rendered
+    # ... ours keeps it, and the generation prompt's <think> is not doubled.
+    prompt = fmt.prompt("Q")
+    assert prompt.endswith("Assistant: <think>\n") and prompt.count("<think>") == 1
+    assert "secret cot" in fmt.full_text(Sample("Q", "secret cot", "A"))
+
+
+def test_chat_mode_without_template_is_a_clear_error(tokenizer):
+    tokenizer.chat_template = None
+    with pytest.raises(UserError, match="no chat template"):
+        PromptFormat("chat", tokenizer)
+
+
+def test_overlong_policy_is_counted(tokenizer):
+    samples, _ = load_samples("sample:en", DataConfig(max_rows=10))
+    full = build_examples(samples, PromptFormat("seed-en"), tokenizer, DataConfig(max_seq_length=100_000), DataReport("x"))
+    limit = sorted(len(e.input_ids) for e in full)[5]
+    for policy in ("truncate", "drop"):
+        cfg = DataConfig(max_seq_length=limit, overlong=policy)
+        report = DataReport("x")
+        examples = build_examples(samples, PromptFormat("seed-en"), tokenizer, cfg, report)
+        assert all(len(e.input_ids) <= limit for e in examples)
+        if policy == "truncate":
+            assert report.truncated > 0 and len(examples) == 10
+        else:
+            assert report.dropped_overlong > 0 and len(examples) == 10 - report.dropped_overlong
+        assert str(report.dropped_overlong or report.truncated) in report.summary()
+
+
+def test_sample_data_loads_through_datasets():
+    for name, minimum in (("sample:en", 80), ("sample:en-heldout", 10), ("sample:zh", 40), ("sample:zh-heldout", 8)):
+        samples, report = load_samples(name, DataConfig())
+        assert len(samples) >= minimum and report.skipped_bad == 0
+        assert all(s.question and s.cot and s.response for s in samples)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_local_formats_and_column_mapping(tmp_path: Path, suffix: str):
+    import datasets
+
+    rows = [{"q": f"question {i}", "think": f"reasoning {i}", "ans": f"answer {i}"} for i in range(5)]
+    rows.append({"q": "", "think": "r", "ans": "a"})  # an empty field: skipped and counted
+    path = tmp_path / f"data{suffix}"
+    table = datasets.Dataset.from_list(rows)
+    {".jsonl": lambda: table.to_json(path), ".json": lambda: path.write_text(json.dumps(rows)),
+     ".csv": lambda: table.to_csv(path), ".parquet": lambda: table.to_parquet(path)}[suffix]()
+    cfg = DataConfig(question_column="q", cot_column="think", response_column="ans")
+    samples, report = load_samples(str(path), cfg)
+    assert [s.question for s in samples] == [f"question {i}" for i in range(5)]
+    assert report.skipped_bad == 1
+    with pytest.raises(UserError, match=r"row 6 has an empty or non-text q"):
+        load_samples(str(path), DataConfig(question_column="q", cot_column="think", response_column="ans", strict=True))
+
+
+def test_missing_columns_lists_found_and_suggests(tmp_path: Path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"question": "q", "Complex_CoT": "c", "Response": "r"}) + "\n")
+    with pytest.raises(UserError) as info:
+        load_samples(str(path), DataConfig())
+    message = str(info.value)
+    assert "missing column(s) Question" in message and "columns found: question, Complex_CoT, Response" in message
+    assert "data.question_column=question" in message
+
+
+def test_batches_are_a_fixed_permutation():
+    a = epoch_batches(10, 3, seed=7, epoch=0)
+    assert a == epoch_batches(10, 3, seed=7, epoch=0)
+    assert a != epoch_batches(10, 3, seed=7, epoch=1)
+    assert sorted(i for b in a for i in b) == list(range(10)) and [len(b) for b in a] == [3, 3, 3, 1]
+
+
+def test_packed_collation_marks_documents(tokenizer):
+    fmt = PromptFormat("seed-en")
+    exs = [tokenize_sample(SAMPLE, fmt, tokenizer, "all"), tokenize_sample(Sample("Q", "c", "a"), fmt, tokenizer, "all")]
+    packed = collate_packed(exs, tokenizer.pad_token_id)
+    n0 = len(exs[0].input_ids)
+    assert packed["input_ids"].shape[1] == sum(len(e.input_ids) for e in exs)
+    assert packed["position_ids"][0, n0] == 0 and packed["labels"][0, n0] == IGNORE_INDEX
+    assert packed["seq_lens"].tolist() == [len(e.input_ids) for e in exs]
+
+
+def test_carve_eval_is_fixed_and_disjoint():
+    samples = [Sample(f"q{i}", "c", "a") for i in range(20)]
+    train, held = carve_eval(samples, 0.25, seed=3)
+    assert len(held) == 5 and len(train) == 15
+    assert carve_eval(samples, 0.25, seed=3)[1] == held
+    assert not {s.question for s in train} & {s.question for s in held}
+    with pytest.raises(UserError):
+        carve_eval(samples, 20, seed=3)
+
+
+def test_split_thinking_and_histogram():
+    assert split_thinking("reasoning here\n</think>\nThe answer.") == ("reasoning here", "The answer.", True)
+    assert split_thinking("never closes") == ("never closes", "", False)
+    hist = length_histogram([10, 11, 50, 90, 90])
+    assert hist.count("\n") >= 2 and hist.splitlines()[-1].endswith("2")
