@@ -152,7 +152,7 @@ def split_thinking(generated: str) -> tuple[str, str, bool]:
 
 # ----------------------------------------------------------------------------- loading
 
-def resolve_source(path: str) -> str:
+def resolve_data_path(path: str) -> str:
     """'sample:en' -> the packaged English train file; 'sample:en-heldout' -> its held-out twin."""
     if path.startswith("sample:"):
         name = path.split(":", 1)[1]
@@ -228,7 +228,7 @@ def _load_table(path: str, subset: str | None, split: str) -> Any:
 
 def load_samples(path: str, cfg: DataConfig, split: str | None = None) -> tuple[list[Sample], DataReport]:
     """Read rows into Samples, skipping (or, with strict, refusing) empty and non-text fields."""
-    source = resolve_source(path)
+    source = resolve_data_path(path)
     table = _load_table(source, cfg.subset, split or cfg.split)
     wanted = {"question": cfg.question_column, "cot": cfg.cot_column, "response": cfg.response_column}
     found = list(table.column_names)
