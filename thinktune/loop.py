@@ -145,6 +145,8 @@ class Trainer:
 
     def save(self) -> Path:
         step = self.state.step
+        if self.state.best_eval_step == step:  # this checkpoint holds the best eval loss so far
+            self.state.best_checkpoint = str(self.output_dir / f"checkpoint-{step}")
 
         def write_files(folder: Path) -> None:
             self.run.model.save_pretrained(str(folder), safe_serialization=True)
@@ -218,7 +220,7 @@ class Trainer:
                                      self.run.device, self.amp_dtype)
         best = self.state.best_eval_loss is None or loss < self.state.best_eval_loss
         if best:
-            self.state.best_eval_loss = loss
+            self.state.best_eval_loss, self.state.best_eval_step = loss, self.state.step
         if self.metrics:
             self.metrics.write({"kind": "eval", "step": self.state.step, "eval_loss": loss,
                                 "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": tokens, "best": best})
@@ -254,7 +256,7 @@ class Trainer:
                 if record:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
-                improved = self.maybe_evaluate()
+                self.maybe_evaluate()
                 at_save = cfg.train.save_steps and self.state.step % cfg.train.save_steps == 0
                 if self.state.consecutive_bad >= cfg.train.max_bad_steps:
                     bar.close()
@@ -263,9 +265,7 @@ class Trainer:
                     raise TrainingStopped(f"stopped: {self.state.consecutive_bad} steps in a row had NaN/Inf loss or grad "
                                           f"norm (lower train.lr or check the data){where}", exit_code=1)
                 if (at_save or stop.requested) and self.state.step < self.total:
-                    path = self.save_main()
-                    if improved is not None and path is not None:
-                        self.state.best_checkpoint = str(path)
+                    self.save_main()
                 if stop.requested:
                     stopped_early = True
                     break
@@ -288,10 +288,8 @@ class Trainer:
     def finish(self, started: float, stopped_early: bool) -> dict[str, Any]:
         st, cfg = self.state, self.cfg
         if not stopped_early:
-            improved = self.maybe_evaluate(force=True)
+            self.maybe_evaluate(force=True)
         path = self.save_main()
-        if not stopped_early and improved is not None and path is not None:
-            st.best_checkpoint = str(path)
         summary = {
             "kind": "summary", "step": st.step, "total_steps": self.total, "stopped_early": stopped_early,
             "seconds": round(time.time() - started, 1), "bad_steps": st.bad_steps, "spikes": st.spikes,

@@ -57,6 +57,7 @@ class LoopState:
     window_loss: float = 0.0
     window_steps: int = 0
     best_eval_loss: float | None = None
+    best_eval_step: int | None = None
     best_checkpoint: str | None = None
 
 
