@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+import warnings
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -153,9 +156,21 @@ def _extra_commands() -> list[Callable[[Any], None]]:
     return cli_extra.REGISTRY
 
 
+def quiet_libraries() -> None:
+    """Hide library chatter that says nothing to a user (loading bars, deprecation notes, bnb's CPU kernel hint)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.debug:
+        quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
