@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import warnings
 import traceback
@@ -20,10 +21,16 @@ from thinktune.errors import TrainingStopped, UserError
 
 def cmd_train(args: argparse.Namespace) -> int:
     from thinktune.config import load_config
-    from thinktune.loop import train
+    from thinktune.distributed import launch, under_torchrun
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, resume=args.resume)
+    if args.gpus is not None and args.gpus > 1 and not under_torchrun():
+        argv = ["train", args.config, *args.overrides] + (["--resume", args.resume] if args.resume else [])
+        return launch(args.gpus, (["--debug"] if args.debug else []) + argv, cfg)
+    from thinktune.loop import train
+
+    again = shlex.join(["thinktune", "train", args.config, *args.overrides, "--resume", "latest"])
+    summary = train(cfg, resume=args.resume, command=again)
     return 0 if summary else 1
 
 
@@ -103,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file or shipped config name (demo, r1-medical-zh, r1-medical-zh-qlora)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-4")
     p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint in output_dir, or from PATH")
+    p.add_argument("--gpus", type=int, metavar="N", help="N processes on this host through torchrun (DDP, or FSDP2 with "
+                   "train.distributed=fsdp); several hosts: torchrun --nnodes ... -m thinktune train CONFIG")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="check a config and print it resolved")

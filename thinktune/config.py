@@ -147,8 +147,8 @@ class TrainConfig:
     """Autocast dtype: auto = bf16 if supported, else fp16 on GPU; fp32 on CPU."""
     gradient_checkpointing: bool | Literal["auto"] = True
     """Recompute layer activations in backward: true, false, or auto (only as many layers as memory forces)."""
-    packing: bool = False
-    """Pack several sequences into one row without cross-attention (padding-free)."""
+    packing: bool | Literal["auto"] = "auto"
+    """Pack a step's sequences into rows without cross-attention (padding-free): true, false, or auto (on with the fast path's per-document attention)."""
     fast_path: Literal["auto", "on", "off"] = "auto"
     """thinktune's fused training path (fused linear cross-entropy, ...) when correct for the model."""
     seed: int = 3407
@@ -167,6 +167,8 @@ class TrainConfig:
     """Flag a grad-norm spike when the norm exceeds this multiple of the rolling median."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Several processes (--gpus N / torchrun): ddp = whole model per GPU; fsdp = FSDP2 shards base + adapters (not 4/8-bit)."""
 
     def __post_init__(self) -> None:
         _check_range("train.batch_size", self.batch_size, 1, 1_000_000)

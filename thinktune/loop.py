@@ -22,10 +22,11 @@ import torch
 
 from thinktune import checkpoint as ckpt
 from thinktune.config import RunConfig
-from thinktune.data import Example, collate, epoch_batches
+from thinktune.data import Example, collate, collate_packed, epoch_batches, pack_by_tokens
+from thinktune.distributed import Gathered, Parallel, init_parallel
 from thinktune.errors import TrainingStopped, UserError
 from thinktune.lora import adapter_parameters
-from thinktune.metrics import MetricsWriter
+from thinktune.metrics import MetricsWriter, read_metrics
 from thinktune.train import (SPIKE_WINDOW, LoopState, Run, StepResult, TrainStep, build_optimizer, evaluate_loss,
                              fused_loss_applies, lr_at, precision_dtype, prepare, total_steps)
 
@@ -33,8 +34,9 @@ from thinktune.train import (SPIKE_WINDOW, LoopState, Run, StepResult, TrainStep
 class MicroBatches:
     """The endless stream of micro-batches over epochs; index i is the i-th micro-batch of the run."""
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int):
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, pack_tokens: int = 0):
         self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.pack_tokens = pack_tokens  # > 0: a step's examples are packed into rows of at most this many tokens
         self.per_epoch = math.ceil(len(examples) / batch_size)
         self._epoch, self._batches = -1, []  # type: ignore[var-annotated]
 
@@ -46,6 +48,13 @@ class MicroBatches:
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         return collate([self.examples[i] for i in self.indices(index)], self.pad_id)
+
+    def step(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """One optimizer step's micro-batches: padded as drawn, or (packing) the same examples packed."""
+        if not self.pack_tokens:
+            return [self.batch(i) for i in indices]
+        examples = [self.examples[j] for i in indices for j in self.indices(i)]
+        return [collate_packed(group, self.pad_id) for group in pack_by_tokens(examples, self.pack_tokens)]
 
 
 class GracefulStop:
@@ -92,6 +101,21 @@ def check_compatible(folder: Path, cfg: RunConfig) -> None:
         )
 
 
+def notice_changed_settings(folder: Path, cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """Say which data/train settings differ from the checkpoint's (resuming then is not an exact continuation)."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    now = cfg.to_dict()
+    changed = [f"{section}.{key} {saved[section][key]!r} -> {value!r}"
+               for section in ("data", "train") for key, value in now[section].items()
+               if key in saved.get(section, {}) and saved[section][key] != value]
+    if changed:
+        log(f"notice: resuming with changed settings ({'; '.join(changed[:6])}); the result will differ from an "
+            f"uninterrupted run")
+
+
 def load_adapter_weights(model: Any, folder: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -101,41 +125,52 @@ def load_adapter_weights(model: Any, folder: Path) -> None:
         weights = load_file(str(path))
     except Exception as exc:
         raise UserError(f"{path} is missing or corrupt ({type(exc).__name__}); resume from another checkpoint") from None
-    result = set_peft_model_state_dict(model, weights)
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
-    if missing:
-        raise UserError(f"{path} does not match the model ({len(missing)} unexpected tensors, e.g. {missing[0]})")
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as exc:  # size mismatch: same names, another base model or rank
+        raise UserError(f"{path} does not fit the model ({str(exc).splitlines()[-1].strip()[:160]}); "
+                        f"it was trained on another base model or LoRA shape") from None
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    if unexpected:
+        raise UserError(f"{path} does not match the model ({len(unexpected)} unexpected tensors, e.g. {unexpected[0]})")
 
 
 class Trainer:
     """Owns one run: its model, optimizer, step function, state, metrics and checkpoints."""
 
-    def __init__(self, run: Run, log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1):
+    def __init__(self, run: Run, log: Callable[[str], None] = print, parallel: Parallel | None = None):
         cfg = run.cfg
         self.run, self.cfg, self.log = run, cfg, log
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0
+        self.parallel = parallel or Parallel()  # one process, or this rank of a DDP/FSDP2 run (thinktune.distributed)
+        self.rank, self.world_size, self.is_main = self.parallel.rank, self.parallel.world_size, self.parallel.is_main
+        self.gathered = Gathered()  # FSDP2: the full adapter/optimizer state of the checkpoint being written
         self.output_dir = Path(cfg.output.output_dir)
         self.params = list(adapter_parameters(run.model).values())
         self.optimizer = build_optimizer(self.params, cfg, run.device, log)
         self.amp_dtype = precision_dtype(cfg.train.precision, run.device)
         fused = False
         if cfg.train.fast_path != "off":
-            fused, why = fused_loss_applies(run.model)
+            fused, why = fused_loss_applies(run.model, run.fast)
             log(f"training path: {'fast' if fused else 'plain'} ({why})")
         else:
             log("training path: plain (train.fast_path=off)")
-        self.step_fn = TrainStep(run.model, self.optimizer, run.device, self.amp_dtype, cfg.train.max_grad_norm, fused)
+        self.step_fn = TrainStep(run.model, self.optimizer, run.device, self.amp_dtype, cfg.train.max_grad_norm, fused,
+                                 fast=run.fast)
+        self.parallel.attach(self.step_fn, log)
         self.pad_id = run.tokenizer.pad_token_id
-        self.stream = MicroBatches(run.train_examples, cfg.train.batch_size, cfg.train.seed, self.pad_id)
-        self.total = total_steps(cfg, len(run.train_examples), world_size)
+        packing = cfg.train.packing is True or (cfg.train.packing == "auto" and run.fast is not None
+                                                 and run.fast.packed_attention)
+        pack_tokens = cfg.train.batch_size * cfg.data.max_seq_length if packing else 0
+        self.stream = MicroBatches(run.train_examples, cfg.train.batch_size, cfg.train.seed, self.pad_id, pack_tokens)
+        self.total = total_steps(cfg, len(run.train_examples), self.world_size)
         self.state = LoopState()
         self.metrics: MetricsWriter | None = None
         self.last_eval_step = -1
+        self.saved_step = -1  # the step whose checkpoint is already on disk (never written twice)
 
     # ---------------------------------------------------------------- checkpoint state
     def trainer_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+        state: dict[str, Any] = {"optimizer": self.gathered.optimizer or self.optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
                                  "loop": asdict(self.state), "world_size": self.world_size}
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
@@ -145,29 +180,49 @@ class Trainer:
 
     def save(self) -> Path:
         step = self.state.step
+        if self.saved_step == step:
+            return self.output_dir / f"checkpoint-{step}"
         if self.state.best_eval_step == step:  # this checkpoint holds the best eval loss so far
             self.state.best_checkpoint = str(self.output_dir / f"checkpoint-{step}")
 
         def write_files(folder: Path) -> None:
-            self.run.model.save_pretrained(str(folder), safe_serialization=True)
+            self.run.model.save_pretrained(str(folder), safe_serialization=True, state_dict=self.gathered.adapter)
             self.run.tokenizer.save_pretrained(str(folder))
             torch.save(self.trainer_state(), folder / "trainer_state.pt")
             (folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2), encoding="utf-8")
 
         path = ckpt.write_checkpoint(self.output_dir, step, write_files, {"base_model": self.run.source.path})
+        self.saved_step = step
+        self.log(f"checkpoint saved: {path}")
         ckpt.prune_checkpoints(self.output_dir, self.cfg.train.save_total_limit,
                                protect={Path(self.state.best_checkpoint)} if self.state.best_checkpoint else None)
         return path
 
     def restore(self, folder: Path) -> None:
         check_compatible(folder, self.cfg)
-        load_adapter_weights(self.run.model, folder)
+        if self.parallel.mode == "fsdp":
+            self.parallel.load_adapter(self.run.model, folder / "adapter_model.safetensors")
+        else:
+            load_adapter_weights(self.run.model, folder)
         saved = ckpt.load_trainer_state(folder)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.state = LoopState(**saved["loop"])
+        try:
+            self.parallel.load_optimizer_state(self.optimizer, saved["optimizer"])
+            self.state = LoopState(**saved["loop"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{folder}/trainer_state.pt does not fit this run's optimizer/state "
+                            f"({type(exc).__name__}: {str(exc)[:120]}); resume with the settings it was saved with") from None
+        notice_changed_settings(folder, self.cfg, self.log)
+        if folder.resolve().parent == self.output_dir.resolve():
+            self.saved_step = self.state.step
         if saved.get("world_size", 1) != self.world_size:
+            tcfg = self.cfg.train
+            if tcfg.max_steps <= 0:  # the steps left are those that finish the epochs at the new global batch
+                left = max(0, math.ceil(tcfg.epochs * self.stream.per_epoch) - self.state.micro_batch)
+                self.total = self.state.step + math.ceil(left / (tcfg.grad_accum * self.world_size))
             self.log(f"notice: checkpoint was saved with {saved.get('world_size', 1)} processes, resuming with "
-                     f"{self.world_size}; the data position is re-sharded")
+                     f"{self.world_size}; the data position (micro-batch {self.state.micro_batch} of the run) is "
+                     f"re-sharded, the global batch is now {tcfg.batch_size * tcfg.grad_accum * self.world_size} "
+                     f"sequences, {self.total} steps in all")
         torch.set_rng_state(saved["rng_cpu"])
         if "rng_cuda" in saved and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng_cuda"])
@@ -199,7 +254,7 @@ class Trainer:
             record = {
                 "kind": "train", "step": st.step, "epoch": round(st.micro_batch / self.stream.per_epoch, 4),
                 "loss": st.window_loss / st.window_steps, "grad_norm": result.grad_norm, "lr": lr,
-                "tokens_per_s": round(result.real_tokens * self.world_size / max(elapsed, 1e-9), 1),
+                "tokens_per_s": round(result.real_tokens / max(elapsed, 1e-9), 1),
                 "target_tokens": result.target_tokens, "spike": spike, "clip": tcfg.max_grad_norm,
             }
             if self.run.device.type == "cuda":
@@ -216,8 +271,11 @@ class Trainer:
         if self.last_eval_step == self.state.step:
             return None
         self.last_eval_step = self.state.step
-        loss, tokens = evaluate_loss(self.run.model, self.run.eval_examples, self.cfg.train.batch_size, self.pad_id,
-                                     self.run.device, self.amp_dtype)
+        try:
+            loss, tokens = evaluate_loss(self.run.model, self.run.eval_examples, self.cfg.train.batch_size, self.pad_id,
+                                         self.run.device, self.amp_dtype)
+        except torch.OutOfMemoryError:
+            raise self.out_of_memory() from None
         best = self.state.best_eval_loss is None or loss < self.state.best_eval_loss
         if best:
             self.state.best_eval_loss, self.state.best_eval_step = loss, self.state.step
@@ -234,24 +292,28 @@ class Trainer:
         cfg = self.cfg
         if resume_from is not None:
             self.restore(resume_from)
-            self.log(f"resuming from {resume_from} (step {self.state.step} of {self.total})")
+            self.log(f"resuming from {resume_from} (step {self.state.step} of {self.total}, micro-batch "
+                     f"{self.state.micro_batch})")
         if self.is_main:
             self.metrics = MetricsWriter(self.output_dir, cfg.output.tensorboard)
             if resume_from is not None:
                 self.metrics.truncate_after(self.state.step)
+                if any(r.get("kind") == "eval" and r.get("step") == self.state.step for r in read_metrics(self.output_dir)):
+                    self.last_eval_step = self.state.step  # evaluated just before that checkpoint was saved
         self.run.model.train()
         accum = cfg.train.grad_accum
         started = time.time()
         stopped_early = False
         bar = tqdm(total=self.total, initial=self.state.step, disable=not self.is_main, dynamic_ncols=True, unit="step")
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, bar:  # the bar closes before any error line is printed
             while self.state.step < self.total:
-                first = self.state.micro_batch * self.world_size + self.rank
-                batches = [self.stream.batch(first + i * self.world_size) for i in range(accum)]
+                # micro_batch counts the run's micro-batches over all ranks; rank r takes every world_size-th one
+                first = self.state.micro_batch + self.rank
+                batches = self.stream.step([first + i * self.world_size for i in range(accum)])
                 lr = lr_at(self.state.step, self.total, cfg)
                 t0 = time.perf_counter()
                 result = self.run_step(batches, lr)
-                self.state.micro_batch += accum
+                self.state.micro_batch += accum * self.world_size
                 record = self.after_step(result, lr, time.perf_counter() - t0)
                 if record:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -260,57 +322,91 @@ class Trainer:
                 at_save = cfg.train.save_steps and self.state.step % cfg.train.save_steps == 0
                 if self.state.consecutive_bad >= cfg.train.max_bad_steps:
                     bar.close()
-                    last = ckpt.list_checkpoints(self.output_dir)
-                    where = f"; last good checkpoint: {last[-1].path}" if last else ""
-                    raise TrainingStopped(f"stopped: {self.state.consecutive_bad} steps in a row had NaN/Inf loss or grad "
-                                          f"norm (lower train.lr or check the data){where}", exit_code=1)
-                if (at_save or stop.requested) and self.state.step < self.total:
+                    raise self.stop_bad_steps(started)
+                if at_save and self.state.step < self.total:
                     self.save_main()
-                if stop.requested:
+                if self.parallel.any_true(stop.requested) and self.state.step < self.total:  # finish() saves
                     stopped_early = True
                     break
         bar.close()
         return self.finish(started, stopped_early)
 
+    def stop_bad_steps(self, started: float) -> TrainingStopped:
+        """K bad steps in a row: save (skipped steps updated nothing, so the weights are the last good ones)."""
+        st = self.state
+        finite = all(bool(torch.isfinite(p).all()) for p in self.params)
+        path = self.save_main() if finite else None
+        self.write_summary(started, True, path)
+        last = ckpt.list_checkpoints(self.output_dir)
+        where = f"; last usable checkpoint: {last[-1].path} (--resume latest)" if last else "; no checkpoint was saved"
+        bad = st.bad_steps[-st.consecutive_bad:]
+        return TrainingStopped(f"stopped: {st.consecutive_bad} steps in a row (steps {bad[0]}-{bad[-1]}) had a NaN/Inf "
+                               f"loss or grad norm; lower train.lr or check the data{where}", exit_code=1)
+
+    def out_of_memory(self) -> TrainingStopped:
+        torch.cuda.empty_cache()
+        tcfg, lowers = self.cfg.train, []
+        lowers.append(f"train.batch_size (now {tcfg.batch_size}; raise train.grad_accum to keep the effective batch)")
+        lowers.append(f"data.max_seq_length (now {self.cfg.data.max_seq_length})")
+        if tcfg.gradient_checkpointing is not True:
+            lowers.append("set train.gradient_checkpointing=true")
+        if not (self.cfg.model.load_in_4bit or self.cfg.model.load_in_8bit):
+            lowers.append("load the base in 4-bit (model.load_in_4bit=true)")
+        last = ckpt.list_checkpoints(self.output_dir)
+        where = f"last checkpoint {last[-1].path} is intact (--resume latest)" if last else "no checkpoint was saved yet"
+        return TrainingStopped(f"out of memory at step {self.state.step + 1}: lower {'; or '.join(lowers)}; {where}",
+                               exit_code=3)
+
     def run_step(self, batches: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
         try:
-            return self.step_fn(batches, lr)
+            result = self.step_fn(batches, lr)
         except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            raise TrainingStopped(
-                "out of GPU memory: lower train.batch_size or data.max_seq_length, turn on "
-                "train.gradient_checkpointing, or load the base in 4-bit (model.load_in_4bit=true); "
-                "the last checkpoint is intact", exit_code=3) from None
+            raise self.out_of_memory() from None
+        if self.parallel.active:  # log the whole step's loss and tokens; every rank then agrees on `skipped`
+            result.loss, real_tokens = self.parallel.sum_floats([result.loss, float(result.real_tokens)])
+            result.real_tokens = int(real_tokens)
+            result.skipped = result.skipped or not math.isfinite(result.loss)
+        return result
 
     def save_main(self) -> Path | None:
-        return self.save() if self.is_main else None
+        """Rank 0 writes; the other ranks wait (under FSDP2 every rank first helps gather the full state)."""
+        self.gathered = self.parallel.gather(self.run.model, self.optimizer)
+        path = self.save() if self.is_main else None
+        self.parallel.barrier()
+        return path
 
     def finish(self, started: float, stopped_early: bool) -> dict[str, Any]:
-        st, cfg = self.state, self.cfg
+        cfg = self.cfg
         if not stopped_early:
             self.maybe_evaluate(force=True)
         path = self.save_main()
+        if self.is_main and not stopped_early:
+            self.save_final_adapter()
+        summary = self.write_summary(started, stopped_early, path)
+        if self.is_main:
+            self.log(spike_summary(self.state.spikes, cfg.train.max_grad_norm, cfg.train.spike_factor))
+        return summary
+
+    def write_summary(self, started: float, stopped_early: bool, path: Path | None) -> dict[str, Any]:
+        st = self.state
         summary = {
             "kind": "summary", "step": st.step, "total_steps": self.total, "stopped_early": stopped_early,
             "seconds": round(time.time() - started, 1), "bad_steps": st.bad_steps, "spikes": st.spikes,
-            "clip": cfg.train.max_grad_norm, "best_eval_loss": st.best_eval_loss, "best_checkpoint": st.best_checkpoint,
+            "clip": self.cfg.train.max_grad_norm, "best_eval_loss": st.best_eval_loss, "best_checkpoint": st.best_checkpoint,
             "checkpoint": str(path) if path else None,
         }
         if self.is_main:
-            if not stopped_early:
-                self.save_final_adapter()
             ckpt.atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
             if self.metrics:
                 self.metrics.write(summary)
                 self.metrics.close()
-            self.log(spike_summary(st.spikes, cfg.train.max_grad_norm, cfg.train.spike_factor))
         return summary
 
     def save_final_adapter(self) -> None:
         """The final adapter and tokenizer land in output_dir itself (files replaced atomically)."""
         tmp = self.output_dir / f"{ckpt.TMP_PREFIX}final-{time.time_ns()}"
         tmp.mkdir()
-        self.run.model.save_pretrained(str(tmp), safe_serialization=True)
+        self.run.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=self.gathered.adapter)
         self.run.tokenizer.save_pretrained(str(tmp))
         (tmp / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2), encoding="utf-8")
         ckpt.fsync_tree(tmp)
@@ -334,21 +430,48 @@ def spike_summary(spikes: list[int], clip: float, factor: float) -> str:
     return f"grad-norm spikes: {len(spikes)} at step(s) {where} (> {factor:g}x rolling median); {clipping}"
 
 
-def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) a training described by cfg; return the summary."""
+def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] = print,
+          command: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a training described by cfg; return the summary.
+
+    resume: None (new run; output_dir must be new, empty or output.overwrite=true), 'latest' (the
+    newest complete checkpoint in output_dir; a run killed before its first checkpoint starts
+    over), or a checkpoint folder. `command` is the shell line to print for resuming after a stop.
+    """
+    parallel = init_parallel(cfg)  # torchrun's processes join here; a single process gets a no-op Parallel
+    log = log if parallel.is_main else _quiet
     output_dir = Path(cfg.output.output_dir)
-    resume_from = ckpt.find_resume_checkpoint(output_dir, resume).path if resume else None
+    info = ckpt.find_resume_checkpoint(output_dir, resume, log) if resume and parallel.is_main else None
+    info = parallel.broadcast_object(info)  # rank 0 looks (and tidies leftovers); the others follow
+    resume_from = info.path if info else None
+    in_place = info is not None and info.path.resolve().parent == output_dir.resolve()
+    overwrite = cfg.output.overwrite or (resume == "latest" and info is None)  # nothing finished there to lose
     if resume_from is not None:
         check_compatible(resume_from, cfg)
-    else:
-        ckpt.check_output_dir(output_dir, cfg.output.overwrite)  # fail before the slow loading
+        ckpt.check_checkpoint_files(resume_from)  # a corrupt checkpoint fails here, before anything is written
+    if not in_place and parallel.is_main:
+        ckpt.check_output_dir(output_dir, overwrite)  # fail before the slow loading
     run = prepare(cfg, log)
-    if resume_from is None:
-        ckpt.claim_output_dir(output_dir, uuid.uuid4().hex, cfg.output.overwrite)
-    trainer = Trainer(run, log)
+    if not in_place and parallel.is_main:
+        ckpt.claim_output_dir(output_dir, uuid.uuid4().hex, overwrite)
+    elif parallel.is_main and (aside := ckpt.set_aside_newer(output_dir, info.step)):
+        log(f"notice: checkpoints newer than step {info.step} moved to {aside} (this run continues from step {info.step})")
+    parallel.barrier()
+    parallel.shard(run.model, precision_dtype(cfg.train.precision, run.device))
+    trainer = Trainer(run, log, parallel)
+    tcfg = cfg.train
+    log(f"global batch: {tcfg.batch_size} sequences/device x {tcfg.grad_accum} accumulation x {parallel.world_size} "
+        f"process(es) = {tcfg.batch_size * tcfg.grad_accum * parallel.world_size} sequences per optimizer step")
     summary = trainer.fit(resume_from)
     if summary["stopped_early"]:
-        log(f"stopped at step {summary['step']}; continue with: thinktune train <config> --resume latest")
+        again = command or "thinktune train <config> --resume latest"
+        log(f"stopped at step {summary['step']} of {summary['total_steps']} (checkpoint {summary['checkpoint']}); "
+            f"continue with: {again}")
     else:
         log(f"done: adapter saved in {output_dir}")
+    parallel.close()
     return summary
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""

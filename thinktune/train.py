@@ -22,8 +22,11 @@ from thinktune.config import RunConfig
 from thinktune.data import (IGNORE_INDEX, DataReport, Example, PromptFormat, build_examples, carve_eval, collate,
                             load_samples)
 from thinktune.errors import UserError
+from thinktune.fastpath import FastPath, apply_fast_path, fast_path_supported, lora_layer_mapping
 from thinktune.kernels import fused_linear_cross_entropy
 from thinktune.lora import attach_lora
+from thinktune.memory_plan import MemoryPlan, ModelShape, plan_memory
+from thinktune.offload import PinnedOffload
 from thinktune.model import ModelSource, load_base_model, load_tokenizer, model_summary, pick_device, resolve_source
 
 SPIKE_WINDOW = 50
@@ -42,6 +45,8 @@ class Run:
     reports: list[DataReport]
     model: Any
     device: torch.device
+    fast: FastPath | None = None
+    """What the fast path changed (None: the plain PEFT path)."""
 
 
 @dataclass
@@ -49,7 +54,7 @@ class LoopState:
     """What a checkpoint restores besides weights and optimizer: position and bookkeeping."""
 
     step: int = 0
-    micro_batch: int = 0
+    micro_batch: int = 0  # micro-batches of the run consumed so far, over all ranks (a world-size-free position)
     consecutive_bad: int = 0
     bad_steps: list[int] = field(default_factory=list)
     spikes: list[int] = field(default_factory=list)
@@ -103,10 +108,50 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
         log(r.summary())
     model = load_base_model(cfg.model, source)
     device = pick_device(cfg.model)
-    checkpointing = cfg.train.gradient_checkpointing is True
-    model = attach_lora(model, cfg.lora, cfg.train.seed, checkpointing)
+    model, fast = prepare_model(cfg, model, device, log)
     log(model_summary(model))
-    return Run(cfg, source, tokenizer, fmt, train_examples, eval_examples, reports, model, device)
+    return Run(cfg, source, tokenizer, fmt, train_examples, eval_examples, reports, model, device, fast)
+
+
+def prepare_model(cfg: RunConfig, model: Any, device: torch.device, log: Callable[[str], None] = print,
+                  memory_budget_bytes: int | None = None) -> tuple[Any, FastPath | None]:
+    """Attach the adapters; on the fast path also swap in the fused modules and apply the memory plan.
+
+    The fast path runs when train.fast_path is "on", or "auto" and `fast_path_supported` says its
+    modules are exact for this architecture. `memory_budget_bytes` (default: the GPU's memory)
+    is what train.gradient_checkpointing=auto plans for.
+    """
+    supported, why = fast_path_supported(model)
+    if cfg.train.fast_path == "on" and not supported:
+        raise UserError(f"train.fast_path=on, but the fast path does not fit this model: {why}; use auto or off")
+    gc = cfg.train.gradient_checkpointing
+    if cfg.train.fast_path == "off" or not supported:
+        checkpointing = gc is True or (gc == "auto" and device.type == "cuda")
+        return attach_lora(model, cfg.lora, cfg.train.seed, checkpointing), None
+    model = attach_lora(model, cfg.lora, cfg.train.seed, False, custom_modules=lora_layer_mapping())
+    plan = memory_plan(cfg, model, device, memory_budget_bytes)
+    return model, apply_fast_path(model, plan, device)
+
+
+def memory_plan(cfg: RunConfig, model: Any, device: torch.device, budget_bytes: int | None = None) -> MemoryPlan:
+    """How many layers the fast path recomputes (train.gradient_checkpointing: true, false or auto)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    gc = cfg.train.gradient_checkpointing
+    if device.type != "cuda":  # nothing to fit on the CPU: auto keeps every activation
+        return MemoryPlan(config.num_hidden_layers if gc is True else 0, config.num_hidden_layers)
+    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
+    movable = isinstance(embedding, torch.nn.Embedding) and (head is None or head.weight is not embedding.weight)
+    embedding_bytes = embedding.weight.numel() * embedding.weight.element_size() if movable else 0
+    quantized = bool(getattr(base, "is_loaded_in_4bit", False))
+    shape = ModelShape.from_config(config, quantized, embedding_bytes)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    static = torch.cuda.memory_allocated(device) + trainable * (4 + 8)  # + gradients and two AdamW moments
+    if budget_bytes is None:
+        free, _total = torch.cuda.mem_get_info(device)
+        budget_bytes = free + torch.cuda.memory_reserved(device)
+    tokens = cfg.train.batch_size * cfg.data.max_seq_length
+    return plan_memory(shape, tokens, static, budget_bytes, gc)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig, device: torch.device,
@@ -158,8 +203,18 @@ def causal_lm_parts(model: Any) -> tuple[Any, Any]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def fused_loss_applies(model: Any) -> tuple[bool, str]:
-    """Whether the fused linear cross-entropy computes the same loss as the model's own head."""
+def fused_loss_applies(model: Any, fast: FastPath | None = None) -> tuple[bool, str]:
+    """Whether the fused linear cross-entropy computes the same loss as the model's own head, and why.
+
+    With `fast` (what `prepare` did), the reason also lists the fused modules and the memory plan.
+    """
+    fused, why = _fused_loss_reason(model)
+    if fast is not None:
+        return fused, f"{why}; {fast.describe()}" if fused else f"{why}; still {fast.describe()}"
+    return fused, why
+
+
+def _fused_loss_reason(model: Any) -> tuple[bool, str]:
     try:
         decoder, head = causal_lm_parts(model)
     except (AttributeError, NotImplementedError):
@@ -182,23 +237,32 @@ class CausalLMLoss(torch.nn.Module):
     (kernels.fused_linear_cross_entropy) and the full logits never exist.
     """
 
-    def __init__(self, model: Any, fused: bool):
+    def __init__(self, model: Any, fused: bool, offload: bool = False):
         super().__init__()
         self.model = model
         self.fused = fused
+        self.offload = PinnedOffload() if offload else None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None,
+                **_: Any) -> torch.Tensor:
+        """A packed row (data.collate_packed) carries `seq_lens`: they reach the attention as
+        `document_lengths` (the fast path's per-document attention); transformers' own attention
+        finds the documents from the restarting `position_ids` instead."""
         targets = labels[:, 1:].reshape(-1)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
-        if self.fused:
-            decoder, head = causal_lm_parts(self.model)
-            hidden = decoder(**inputs).last_hidden_state[:, :-1]
-            return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets,
-                                              ignore_index=IGNORE_INDEX, reduction="sum")
-        logits = self.model(**inputs).logits[:, :-1]
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets,
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                                  "position_ids": position_ids, "use_cache": False}
+        if seq_lens is not None:
+            inputs["document_lengths"] = tuple(int(n) for n in seq_lens.tolist())
+        with self.offload() if self.offload is not None else contextlib.nullcontext():
+            if self.fused:
+                decoder, head = causal_lm_parts(self.model)
+                hidden = decoder(**inputs).last_hidden_state[:, :-1]
+                return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets,
+                                                  ignore_index=IGNORE_INDEX, reduction="sum")
+            logits = self.model(**inputs).logits[:, :-1]
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets,
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class TrainStep:
@@ -215,14 +279,15 @@ class TrainStep:
 
     def __init__(self, model: Any, optimizer: torch.optim.Optimizer, device: torch.device,
                  amp_dtype: torch.dtype | None, max_grad_norm: float, fused_loss: bool,
-                 loss_module: torch.nn.Module | None = None):
+                 loss_module: torch.nn.Module | None = None, fast: FastPath | None = None):
         self.model = model
         self.optimizer = optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.device = device
         self.amp_dtype = amp_dtype
         self.max_grad_norm = max_grad_norm
-        self.loss_module = loss_module if loss_module is not None else CausalLMLoss(model, fused_loss)
+        offload = fast is not None and fast.offload_checkpoints
+        self.loss_module = loss_module if loss_module is not None else CausalLMLoss(model, fused_loss, offload)
         self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         self.loss_multiplier = 1.0
         self.no_sync: Callable[[bool], Any] = lambda is_last: contextlib.nullcontext()
