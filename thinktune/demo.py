@@ -1,23 +1,23 @@
 """The embedded demo: SmolLM2-135M on our English sample data, offline on a CPU.
 
 Trains with the shipped `demo.yaml` (resuming an interrupted demo, reusing a finished
-one), then shows base vs tuned answers to held-out questions. Everything it runs is
-the public path (`loop.train`, `generate`), nothing demo-only.
+one), then evaluates base vs tuned on the held-out questions (`evaluate.run_eval`:
+loss, format compliance, answers), writes plots and the report into the output dir,
+and prints the two learning figures. Everything it runs is the public path
+(`loop.train`, `evaluate`, `plot`, `report`), nothing demo-only.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from thinktune.config import load_config
-from thinktune.data import load_samples
+from thinktune.config import RunConfig, load_config
 
 NOTICE = "Sample data written by the thinktune authors for testing; NOT medical advice."
 
 
 def run_demo(out: str, overrides: list[str] | None = None, overwrite: bool = False, questions: int = 3) -> int:
     from thinktune.checkpoint import list_checkpoints
-    from thinktune.generate import generate
     from thinktune.loop import train
 
     output_dir = Path(out)
@@ -35,9 +35,30 @@ def run_demo(out: str, overrides: list[str] | None = None, overwrite: bool = Fal
     else:
         if train(cfg)["stopped_early"]:
             return 0
-    held_out, _ = load_samples(cfg.data.eval_path or cfg.data.path, cfg.data)
-    picked = [s.question for s in held_out[:questions]]
-    print(f"\nbefore/after on {len(picked)} held-out questions (greedy, {NOTICE}):")
-    generate(picked, adapter=str(output_dir), max_new_tokens=256, compare=True, stream=False)
-    return 0
+    return show_results(cfg, output_dir, questions)
 
+
+def show_results(cfg: RunConfig, output_dir: Path, questions: int = 3) -> int:
+    """Base vs tuned on the held-out English questions -> eval.json, plots/, report.html; print the two figures."""
+    from thinktune.evaluate import EVAL_FILE, format_table, learning_figures, read_eval, run_eval
+    from thinktune.generate import Answer, format_answer, side_by_side
+    from thinktune.report import build_report
+
+    eval_file = output_dir / EVAL_FILE
+    summary_file = output_dir / "summary.json"
+    result = read_eval(eval_file) if eval_file.is_file() and eval_file.stat().st_mtime > summary_file.stat().st_mtime else None
+    if result is None:
+        print(f"\nevaluating base vs tuned on the held-out questions of {cfg.data.eval_path} (greedy; {NOTICE})")
+        result = run_eval(cfg, adapter=output_dir, out=eval_file)
+    as_answer = lambda d: Answer(**{k: v for k, v in d.items() if k != "score"})  # noqa: E731
+    shown = result["answers"][:questions]
+    print(f"\nbefore/after on {len(shown)} of the held-out questions (greedy, {NOTICE}):")
+    for entry in shown:
+        print(f"\n### {entry['question']}")
+        print(side_by_side(format_answer(as_answer(entry["base"])), format_answer(as_answer(entry["tuned"]))))
+    print("\n" + format_table(result))
+    html, _ = build_report(output_dir)
+    print(f"\nplots: {output_dir / 'plots'}/   report: {html}")
+    for line in learning_figures(result):
+        print(line)
+    return 0
