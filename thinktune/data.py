@@ -183,7 +183,11 @@ def _check_text_file(path: Path) -> None:
     """Fail early, with a line number, on invalid UTF-8 or broken JSON lines."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     line_no = 1
-    with path.open("rb") as fh:
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror})") from None
+    with fh:
         for raw in fh:
             try:
                 text = decoder.decode(raw)
@@ -235,11 +239,14 @@ def load_samples(path: str, cfg: DataConfig, split: str | None = None) -> tuple[
     missing = [col for col in wanted.values() if col not in found]
     if missing:
         hints = []
+        unused = [c for c in found if c not in wanted.values()]
         for role, col in wanted.items():
             if col in missing:
-                close = did_you_mean(col, found)
+                close = did_you_mean(col, unused)
+                guess = close.split(chr(39))[1] if close else (unused[0] if unused else "<column>")
+                unused = [c for c in unused if c != guess]
                 key = {"question": "question_column", "cot": "cot_column", "response": "response_column"}[role]
-                hints.append(f"data.{key}={close.split(chr(39))[1] if close else '<column>'}")
+                hints.append(f"data.{key}={guess}")
         raise UserError(
             f"{path}: missing column(s) {', '.join(missing)}; columns found: {', '.join(found) or 'none'}; "
             f"map them with e.g. {' '.join(hints)}"
@@ -354,6 +361,30 @@ def collate_packed(examples: Sequence[Example], pad_id: int) -> dict[str, torch.
     position_ids = torch.cat([torch.arange(len(ex.input_ids)) for ex in examples])[None]
     seq_lens = torch.tensor([len(ex.input_ids) for ex in examples], dtype=torch.long)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "seq_lens": seq_lens}
+
+
+def pack_by_tokens(examples: Sequence[Example], token_budget: int) -> list[list[Example]]:
+    """Group a step's examples into packed micro-batches of at most `token_budget` tokens each.
+
+    First-fit decreasing: longest first, each into the first group with room (an example longer
+    than the budget gets a group of its own). Deterministic; the step's examples are all used
+    once, so the step's loss (summed over its target tokens) is the same as unpacked.
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    groups: list[list[Example]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i].input_ids)
+        slot = next((g for g, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            groups.append([examples[i]])
+            room.append(token_budget - n)
+        else:
+            groups[slot].append(examples[i])
+            room[slot] -= n
+    return groups
 
 
 def _shift_guard(labels: list[int]) -> list[int]:

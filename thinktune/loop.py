@@ -334,7 +334,8 @@ class Trainer:
     def stop_bad_steps(self, started: float) -> TrainingStopped:
         """K bad steps in a row: save (skipped steps updated nothing, so the weights are the last good ones)."""
         st = self.state
-        finite = all(bool(torch.isfinite(p).all()) for p in self.params)
+        local_finite = all(bool(torch.isfinite(p).all()) for p in self.params)
+        finite = not self.parallel.any_true(not local_finite)  # every rank agrees (each may hold a shard)
         path = self.save_main() if finite else None
         self.write_summary(started, True, path)
         last = ckpt.list_checkpoints(self.output_dir)

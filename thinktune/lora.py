@@ -24,8 +24,15 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names)
 
 
-def attach_lora(model: Any, cfg: LoraConfig, seed: int, gradient_checkpointing: bool) -> Any:
-    """Return a PeftModel with trainable adapters on cfg.target_modules (float32 adapter weights)."""
+def attach_lora(model: Any, cfg: LoraConfig, seed: int, gradient_checkpointing: bool,
+                custom_modules: dict[type, Any] | None = None) -> Any:
+    """Return a PeftModel with trainable adapters on cfg.target_modules (float32 adapter weights).
+
+    `custom_modules` maps base-layer types to LoRA layer factories (PEFT's custom-module
+    mapping; a factory returning None leaves the layer to PEFT's own dispatch): thinktune's
+    fast path passes `fastpath.lora_layer_mapping()` here. The saved adapter format is
+    PEFT's standard one either way.
+    """
     from peft import LoftQConfig, get_peft_model
     from peft import LoraConfig as PeftLoraConfig
 
@@ -49,6 +56,8 @@ def attach_lora(model: Any, cfg: LoraConfig, seed: int, gradient_checkpointing: 
         target_modules=list(cfg.target_modules), bias=cfg.bias, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
         init_lora_weights=init, loftq_config=loftq,
     )
+    if custom_modules:
+        peft_cfg._register_custom_module(custom_modules)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
