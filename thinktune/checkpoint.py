@@ -5,8 +5,11 @@ A checkpoint folder `checkpoint-N/` holds the PEFT adapter (`adapter_config.json
 tokenizer, `trainer_state.pt` (optimizer, RNG states, data position; tensors and
 plain values only, read back with `torch.load(weights_only=True)`), `config.json`
 (the run's config) and last `thinktune_checkpoint.json`. It is written into
-`.tmp-checkpoint-N-<pid>/`, every file fsynced, then renamed into place: a checkpoint
-is complete or absent. This module knows nothing of the training loop's arithmetic.
+`.tmp-checkpoint-N-<pid>/`, every file fsynced, the marker written and fsynced last,
+then renamed into place: a checkpoint is complete or absent. Anything under the
+`.tmp-` prefix is a leftover of an interrupted save or delete, and `--resume latest`
+cleans it up. Pruning (`save_total_limit`) never deletes the newest checkpoint.
+This module knows nothing of the training loop's arithmetic.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ MARKER = "thinktune_checkpoint.json"
 RUN_FILE = "thinktune_run.json"
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-"
+OLD_PREFIX = f"{TMP_PREFIX}old-"
+OLD_RE = re.compile(r"^\.tmp-old-(checkpoint-\d+)-\d+$")
 OWNED = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "tensorboard", "config.json",
          "trainer_state.pt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
          "summary.json", "plots", "eval.json", "report.html", "report.md", RUN_FILE)
@@ -66,19 +71,30 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_checkpoint(output_dir: Path, step: int, write_files: Callable[[Path], None], meta: dict[str, Any]) -> Path:
-    """Call write_files(tmp_folder), add the completion marker, fsync, and rename into checkpoint-{step}."""
+    """Call write_files(tmp_folder), add the completion marker last, fsync, and rename into checkpoint-{step}.
+
+    Re-saving a step that already has a checkpoint first renames the old copy to
+    `.tmp-old-checkpoint-N-<pid>`; a kill between the two renames leaves that complete
+    old copy, which `clean_leftovers` puts back.
+    """
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"{TMP_PREFIX}checkpoint-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write_files(tmp)
-    (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time(), **meta}, indent=2), encoding="utf-8")
     fsync_tree(tmp)
-    if final.exists():  # re-saving the same step after a resume: swap atomically, old copy last to go
-        trash = output_dir / f"{TMP_PREFIX}trash-{final.name}-{os.getpid()}"
-        os.replace(final, trash)
+    marker = {"step": step, "time": time.time(), **meta}
+    with open(tmp / MARKER, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(marker, indent=2))
+        fh.flush()
+        os.fsync(fh.fileno())
+    fsync_dir(tmp)
+    if final.exists():
+        old = output_dir / f"{OLD_PREFIX}{final.name}-{os.getpid()}"
+        os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
+        fsync_dir(output_dir)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
     fsync_dir(output_dir)
@@ -97,58 +113,126 @@ def list_checkpoints(output_dir: Path) -> list[CheckpointInfo]:
 
 
 def clean_leftovers(output_dir: Path) -> list[str]:
-    """Remove folders of interrupted saves; return their names (for a one-line notice)."""
+    """Remove what interrupted saves left behind; return their names (for a one-line notice).
+
+    A complete old copy of a checkpoint that was being replaced (`.tmp-old-checkpoint-N-*`)
+    is renamed back when checkpoint-N is missing; everything else under the `.tmp-`
+    prefix, and any checkpoint-N without its marker, is deleted.
+    """
     removed = []
-    if output_dir.is_dir():
-        for child in output_dir.iterdir():
-            incomplete = CKPT_RE.match(child.name) and child.is_dir() and not (child / MARKER).is_file()
-            if child.name.startswith(TMP_PREFIX) or incomplete:
-                if child.is_dir():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
-                removed.append(child.name)
-    return sorted(removed)
+    if not output_dir.is_dir():
+        return removed
+    for child in sorted(output_dir.iterdir()):
+        old = OLD_RE.match(child.name)
+        if old and (child / MARKER).is_file() and not (output_dir / old.group(1)).exists():
+            os.replace(child, output_dir / old.group(1))
+            fsync_dir(output_dir)
+            continue
+        incomplete = CKPT_RE.match(child.name) and child.is_dir() and not (child / MARKER).is_file()
+        if child.name.startswith(TMP_PREFIX) or incomplete:
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+            removed.append(child.name)
+    return removed
 
 
-def find_resume_checkpoint(output_dir: Path, resume: str) -> CheckpointInfo:
-    """'latest' -> newest complete checkpoint in output_dir; otherwise a checkpoint folder path."""
+def can_start_over(output_dir: Path) -> bool:
+    """True when output_dir holds no finished work: no checkpoint and no final adapter (a run killed early)."""
+    if not output_dir.exists():
+        return True
+    if not output_dir.is_dir():
+        return False
+    names = {p.name for p in output_dir.iterdir() if not p.name.startswith(TMP_PREFIX)}
+    partial = {RUN_FILE, "metrics.jsonl", "tensorboard", "metrics.tmp"}
+    return not list_checkpoints(output_dir) and names <= partial
+
+
+def find_resume_checkpoint(output_dir: Path, resume: str, log: Callable[[str], None] = print) -> CheckpointInfo | None:
+    """'latest' -> newest complete checkpoint in output_dir (None: nothing to resume yet, start at step 0);
+    otherwise the checkpoint folder at path `resume`."""
     if resume == "latest":
         leftovers = clean_leftovers(output_dir)
         if leftovers:
-            print(f"notice: removed {len(leftovers)} leftover(s) of an interrupted save: {', '.join(leftovers)}", flush=True)
+            log(f"notice: removed {len(leftovers)} leftover(s) of an interrupted save: {', '.join(leftovers)}")
         found = list_checkpoints(output_dir)
-        if not found:
-            raise UserError(f"--resume latest: no complete checkpoint in {output_dir}; start without --resume")
-        return found[-1]
+        if found:
+            return found[-1]
+        if can_start_over(output_dir):
+            log(f"notice: --resume latest: no checkpoint in {output_dir} yet; starting from step 0")
+            return None
+        raise UserError(f"--resume latest: {output_dir} holds no complete checkpoint to resume (only finished or "
+                        f"foreign files); start without --resume in a new output.output_dir")
     path = Path(resume).expanduser()
     if not path.is_dir():
         raise UserError(f"--resume {resume}: no such checkpoint folder")
     if not (path / MARKER).is_file() or not (path / "trainer_state.pt").is_file():
-        raise UserError(f"--resume {resume}: not a complete thinktune checkpoint (no {MARKER}/trainer_state.pt)")
+        inside = list_checkpoints(path)
+        hint = f"; it holds checkpoints: use --resume {inside[-1].path} (or --resume latest)" if inside else ""
+        raise UserError(f"--resume {resume}: not a complete thinktune checkpoint (no {MARKER} or trainer_state.pt){hint}")
     match = CKPT_RE.match(path.name)
-    return CheckpointInfo(path, int(match.group(1)) if match else json.loads((path / MARKER).read_text())["step"])
+    try:
+        step = int(match.group(1)) if match else int(json.loads((path / MARKER).read_text(encoding="utf-8"))["step"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"--resume {resume}: {MARKER} is unreadable; not a checkpoint thinktune wrote") from None
+    return CheckpointInfo(path, step)
 
 
-def prune_checkpoints(output_dir: Path, keep: int | None, protect: set[Path] | None = None) -> None:
+def set_aside_newer(output_dir: Path, step: int) -> Path | None:
+    """Move checkpoints newer than `step` (another timeline, when resuming from an older one) into
+    output_dir/superseded-<time>/, so `--resume latest` and pruning only ever see this run's line."""
+    newer = [c for c in list_checkpoints(output_dir) if c.step > step]
+    if not newer:
+        return None
+    folder = output_dir / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder.mkdir(exist_ok=True)
+    for info in newer:
+        os.replace(info.path, folder / info.path.name)
+    fsync_dir(output_dir)
+    return folder
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None, protect: set[Path] | None = None) -> list[Path]:
     """Delete the oldest checkpoints beyond `keep`; the newest (the one a resume needs) and `protect` stay."""
     if not keep:
-        return
+        return []
     found = list_checkpoints(output_dir)
     protect = {p.resolve() for p in (protect or set())}
-    for info in found[:-keep]:
+    deleted = []
+    for info in found[:-keep]:  # keep >= 1, so the newest complete checkpoint is never in this slice
         if info.path.resolve() in protect:
             continue
         trash = output_dir / f"{TMP_PREFIX}trash-{info.path.name}-{os.getpid()}"
         os.replace(info.path, trash)  # a kill mid-delete leaves a .tmp- folder, never a half checkpoint
         shutil.rmtree(trash, ignore_errors=True)
+        deleted.append(info.path)
+    return deleted
 
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:
+    """The trainer state (tensors and plain values only: `weights_only=True` never runs pickled code)."""
     try:
         return torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except Exception:
+        raise UserError(f"{folder}/trainer_state.pt is corrupt or not a thinktune trainer state; resume from "
+                        f"another checkpoint") from None
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Read the adapter's safetensors header and the trainer state before anything is loaded or written."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{folder}: no adapter_model.safetensors; resume from another checkpoint")
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            for key in fh.keys():
+                fh.get_slice(key)
     except Exception as exc:
-        raise UserError(f"{folder}/trainer_state.pt is unreadable ({type(exc).__name__}); resume from an older checkpoint") from None
+        raise UserError(f"{weights} is corrupt or truncated ({type(exc).__name__}); resume from another checkpoint") from None
+    load_trainer_state(folder)
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> list[str]:

@@ -124,6 +124,9 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise UserError(f"could not load a tokenizer from {source.path}: {str(exc).splitlines()[0][:200]}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer in {source.path} has no EOS token, so a tuned model would never stop; "
+                        f"set eos_token in its tokenizer_config.json")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # safe: padding is masked by position, not by id
     return tokenizer
@@ -156,13 +159,18 @@ def load_base_model(cfg: ModelConfig, source: ModelSource | None = None) -> Any:
     dtype = pick_dtype(cfg, device)
     quant = quantization_config(cfg, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code,
-                              "attn_implementation": cfg.attn_implementation}
+                              "attn_implementation": cfg.attn_implementation,
+                              "use_safetensors": True}  # never unpickle weights (*.bin can run code)
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except OSError as exc:
+        folder = Path(source.path)
+        if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+            raise UserError(f"{folder} holds only pickle weights (*.bin); thinktune loads safetensors only (a pickle "
+                            f"file can run code): convert them, e.g. save_pretrained(..., safe_serialization=True)") from None
         raise UserError(f"could not load model {source.path}: {str(exc).splitlines()[0][:300]}") from None
     except ValueError as exc:
         raise UserError(f"could not load model {source.path}: {str(exc).splitlines()[0][:300]}") from None
