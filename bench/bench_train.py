@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from thinktune.config import config_from_dict  # noqa: E402
 from thinktune.data import IGNORE_INDEX, Example, collate, collate_packed, pack_by_tokens  # noqa: E402
 from thinktune.lora import adapter_parameters  # noqa: E402
-from thinktune.train import TrainStep, build_optimizer, fused_loss_applies, prepare_model  # noqa: E402
+from thinktune.training import TrainStep, build_optimizer, fused_loss_applies, prepare_model  # noqa: E402
 
 GIB = 2**30
 CONFIG_7B = Path(__file__).with_name("r1_distill_qwen_7b.json")

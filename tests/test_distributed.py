@@ -81,7 +81,7 @@ def reference(tiny_qwen2: Path, tmp_path: Path, **sections: Any) -> Path:
 def test_two_processes_match_one_process_and_resume_across_world_sizes(tiny_qwen2, tmp_path):
     from conftest import tiny_config
     from thinktune.export import check_adapter_dir
-    from thinktune.generate import generate
+    from thinktune.generation import generate
     from thinktune.loop import train
 
     single = reference(tiny_qwen2, tmp_path)

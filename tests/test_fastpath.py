@@ -17,7 +17,7 @@ from thinktune.lora import adapter_parameters
 from thinktune.memory_plan import MemoryPlan
 from thinktune.model import load_base_model
 from thinktune.config import ModelConfig
-from thinktune.train import CausalLMLoss, TrainStep, build_optimizer, fused_loss_applies, prepare_model
+from thinktune.training import CausalLMLoss, TrainStep, build_optimizer, fused_loss_applies, prepare_model
 
 CPU = torch.device("cpu")
 

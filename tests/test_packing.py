@@ -10,7 +10,7 @@ import torch
 from thinktune.config import ModelConfig, config_from_dict
 from thinktune.data import IGNORE_INDEX, Example, collate, collate_packed, pack_by_tokens
 from thinktune.model import load_base_model
-from thinktune.train import CausalLMLoss, prepare_model
+from thinktune.training import CausalLMLoss, prepare_model
 
 
 def ex(n: int, start: int = 3) -> Example:

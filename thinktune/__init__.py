@@ -29,7 +29,7 @@ def train(config: Any, overrides: list[str] | None = None, resume: str | None = 
 
 def generate(questions: list[str] | str, adapter: str | None = None, base: str | None = None, **kwargs: Any) -> list[dict[str, Any]]:
     """Answer questions with base or base + adapter; each result has thinking and answer apart."""
-    from thinktune.generate import generate as _generate
+    from thinktune.generation import generate as _generate
 
     if isinstance(questions, str):
         questions = [questions]

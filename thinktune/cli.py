@@ -71,7 +71,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from thinktune.generate import generate, read_questions
+    from thinktune.generation import generate, read_questions
 
     questions = list(args.questions)
     if args.file:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from thinktune.config import RunConfig
 from thinktune.errors import UserError
-from thinktune.train import TrainStep, causal_lm_parts
+from thinktune.training import TrainStep, causal_lm_parts
 
 # NVLink multicast switches: launch() passes the caller's environment through unchanged, so
 # where these are set (shared hosts) they stay set in every worker.

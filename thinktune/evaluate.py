@@ -5,8 +5,8 @@ switched off (`model.disable_adapter()`), so the model is loaded once:
 
 1. loss and perplexity on the reference completions, tokenised exactly as in
    training (`data.build_examples` -> `tokenize_sample` with the adapter's template,
-   train_on and max_seq_length), batched through `train.evaluate_loss`;
-2. format compliance of greedy generations (`generate.answer`): the share that close
+   train_on and max_seq_length), batched through `training.evaluate_loss`;
+2. format compliance of greedy generations (`generation.answer`): the share that close
    `</think>`, that give a non-empty answer after it, that stop with EOS inside the
    token budget, and mean thinking / answer lengths in tokens (the generated text is
    split at `</think>` and each part re-tokenised with the model's tokenizer).
@@ -134,7 +134,7 @@ def auto_budget(samples: Sequence[Sample], fmt: PromptFormat, tokenizer: Any) ->
 # ----------------------------------------------------------------------------- measuring one model
 
 def completion_loss(model: Any, examples: list[Any], tokenizer: Any, batch_size: int, amp_dtype: Any) -> dict[str, float]:
-    from thinktune.train import evaluate_loss
+    from thinktune.training import evaluate_loss
 
     loss, tokens = evaluate_loss(model, examples, batch_size, tokenizer.pad_token_id, model.device, amp_dtype)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "loss_tokens": tokens}
@@ -142,7 +142,7 @@ def completion_loss(model: Any, examples: list[Any], tokenizer: Any, batch_size:
 
 def greedy_answers(model: Any, tokenizer: Any, fmt: PromptFormat, questions: Sequence[str], max_new_tokens: int,
                    label: str, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[FormatScore]]:
-    from thinktune.generate import answer
+    from thinktune.generation import answer
 
     count = token_counter(tokenizer)
     results, scores = [], []
@@ -186,7 +186,7 @@ def run_eval(config: RunConfig | str | Path | None = None, adapter: str | Path |
     import torch
 
     from thinktune.export import load_with_adapter
-    from thinktune.train import precision_dtype
+    from thinktune.training import precision_dtype
 
     cfg, folder = resolve_run(config, adapter, base, overrides)
     samples, source = heldout_samples(cfg, data)

@@ -27,7 +27,7 @@ from thinktune.distributed import Gathered, Parallel, init_parallel
 from thinktune.errors import TrainingStopped, UserError
 from thinktune.lora import adapter_parameters
 from thinktune.metrics import MetricsWriter, read_metrics
-from thinktune.train import (SPIKE_WINDOW, LoopState, Run, StepResult, TrainStep, build_optimizer, evaluate_loss,
+from thinktune.training import (SPIKE_WINDOW, LoopState, Run, StepResult, TrainStep, build_optimizer, evaluate_loss,
                              fused_loss_applies, lr_at, precision_dtype, prepare, total_steps)
 
 

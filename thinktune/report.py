@@ -35,7 +35,7 @@ TARGET_LOSS_DROP, TARGET_FORMAT_OK = 0.20, 0.90  # the demo's bar (issue 5): eva
 # ----------------------------------------------------------------------------- gathering
 
 def data_statistics(cfg: Any, output_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
-    """Re-read the run's data as `train.prepare` does; (one dict per data source, or [] and why not)."""
+    """Re-read the run's data as `training.prepare` does; (one dict per data source, or [] and why not)."""
     from thinktune.data import DataReport, PromptFormat, build_examples, carve_eval, load_samples
     from thinktune.model import ModelSource, load_tokenizer, resolve_source
 

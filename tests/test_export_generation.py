@@ -13,7 +13,7 @@ from thinktune.cli import main
 from thinktune.data import PromptFormat
 from thinktune.errors import UserError
 from thinktune.export import load_with_adapter, merge
-from thinktune.generate import answer, read_questions, side_by_side
+from thinktune.generation import answer, read_questions, side_by_side
 from thinktune.loop import train
 
 
