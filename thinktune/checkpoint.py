@@ -219,19 +219,24 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
                         f"another checkpoint") from None
 
 
-def check_checkpoint_files(folder: Path) -> None:
-    """Read the adapter's safetensors header and the trainer state before anything is loaded or written."""
+def check_safetensors(weights: Path, advice: str) -> None:
+    """Open a safetensors file and touch every tensor's header; a corrupt or truncated file is a UserError."""
     from safetensors import safe_open
 
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{folder}: no adapter_model.safetensors; resume from another checkpoint")
     try:
         with safe_open(str(weights), framework="pt") as fh:
             for key in fh.keys():
                 fh.get_slice(key)
     except Exception as exc:
-        raise UserError(f"{weights} is corrupt or truncated ({type(exc).__name__}); resume from another checkpoint") from None
+        raise UserError(f"{weights} is corrupt or truncated ({type(exc).__name__}); {advice}") from None
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Read the adapter's safetensors header and the trainer state before anything is loaded or written."""
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{folder}: no adapter_model.safetensors; resume from another checkpoint")
+    check_safetensors(weights, "resume from another checkpoint")
     load_trainer_state(folder)
 
 

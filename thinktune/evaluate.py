@@ -142,12 +142,11 @@ def completion_loss(model: Any, examples: list[Any], tokenizer: Any, batch_size:
 
 def greedy_answers(model: Any, tokenizer: Any, fmt: PromptFormat, questions: Sequence[str], max_new_tokens: int,
                    label: str, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[FormatScore]]:
-    from thinktune.generation import answer
+    from thinktune.generation import answer_batch
 
     count = token_counter(tokenizer)
     results, scores = [], []
-    for i, question in enumerate(questions, start=1):
-        ans = answer(model, tokenizer, fmt, question, max_new_tokens=max_new_tokens, temperature=0.0)
+    for i, ans in enumerate(answer_batch(model, tokenizer, fmt, list(questions), max_new_tokens), start=1):
         score = score_text(ans.text, ans.stopped_at_eos, count)
         results.append({**ans.as_dict(), "score": {**asdict(score), "ok": score.ok}})
         scores.append(score)

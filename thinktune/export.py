@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from thinktune.checkpoint import check_safetensors
 from thinktune.config import ModelConfig, config_from_dict
 from thinktune.errors import UserError
 from thinktune.model import DTYPES, ModelSource, load_base_model, load_tokenizer, resolve_source
@@ -33,14 +34,7 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         raise UserError(f"{folder} has adapter_config.json but no adapter_model.safetensors")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as fh:
-            for key in fh.keys():
-                fh.get_slice(key)
-    except Exception as exc:
-        raise UserError(f"{weights} is corrupt or truncated ({type(exc).__name__}); re-export or use another checkpoint") from None
+    check_safetensors(weights, "re-export or use another checkpoint")
     return folder
 
 

@@ -56,27 +56,57 @@ class _Printer:
         self.streamer = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-@torch.no_grad()
-def answer(model: Any, tokenizer: Any, fmt: PromptFormat, question: str, max_new_tokens: int = 512,
-           temperature: float = 0.0, top_p: float = 0.95, on_text: Callable[[str], None] | None = None) -> Answer:
-    """Generate one answer (greedy when temperature is 0)."""
-    prompt = fmt.prompt(question)
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    stop = eos_id(tokenizer)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": stop,
+def _generation_kwargs(tokenizer: Any, max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": eos_id(tokenizer),
                               "pad_token_id": tokenizer.pad_token_id, "use_cache": True}
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _to_answer(question: str, new_ids: list[int], tokenizer: Any) -> Answer:
+    """Cut the generated ids after the first EOS (padding repeats it) and split thinking from answer."""
+    stop = eos_id(tokenizer)
+    stopped = stop in new_ids
+    if stopped:
+        new_ids = new_ids[: new_ids.index(stop) + 1]
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    thinking, reply, closed = split_thinking(text)
+    return Answer(question, thinking, reply, closed, stopped, len(new_ids), text)
+
+
+@torch.no_grad()
+def answer(model: Any, tokenizer: Any, fmt: PromptFormat, question: str, max_new_tokens: int = 512,
+           temperature: float = 0.0, top_p: float = 0.95, on_text: Callable[[str], None] | None = None) -> Answer:
+    """Generate one answer (greedy when temperature is 0), streaming text pieces to on_text."""
+    inputs = tokenizer(fmt.prompt(question), return_tensors="pt").to(model.device)
+    kwargs = _generation_kwargs(tokenizer, max_new_tokens, temperature, top_p)
     if on_text is not None:
         kwargs["streamer"] = _Printer(tokenizer, on_text).streamer
     output = model.generate(**inputs, **kwargs)
-    new = output[0, inputs["input_ids"].shape[1]:].tolist()
-    stopped = bool(new) and new[-1] == stop
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    thinking, reply, closed = split_thinking(text)
-    return Answer(question, thinking, reply, closed, stopped, len(new), text)
+    return _to_answer(question, output[0, inputs["input_ids"].shape[1]:].tolist(), tokenizer)
+
+
+@torch.no_grad()
+def answer_batch(model: Any, tokenizer: Any, fmt: PromptFormat, questions: list[str], max_new_tokens: int = 512,
+                 temperature: float = 0.0, top_p: float = 0.95, batch_size: int = 8) -> list[Answer]:
+    """Answer several questions, `batch_size` at a time (left-padded prompts; same tokens as one by one, up to
+    floating-point ties)."""
+    answers: list[Answer] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for i in range(0, len(questions), batch_size):
+            chunk = questions[i: i + batch_size]
+            inputs = tokenizer([fmt.prompt(q) for q in chunk], return_tensors="pt", padding=True).to(model.device)
+            output = model.generate(**inputs, **_generation_kwargs(tokenizer, max_new_tokens, temperature, top_p))
+            width = inputs["input_ids"].shape[1]
+            answers += [_to_answer(q, output[row, width:].tolist(), tokenizer) for row, q in enumerate(chunk)]
+    finally:
+        tokenizer.padding_side = side
+    return answers
 
 
 def read_questions(path: str | Path) -> list[str]:

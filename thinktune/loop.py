@@ -27,6 +27,7 @@ from thinktune.distributed import Gathered, Parallel, init_parallel
 from thinktune.errors import TrainingStopped, UserError
 from thinktune.lora import adapter_parameters
 from thinktune.metrics import MetricsWriter, read_metrics
+from thinktune.preflight import oom_hint, preflight
 from thinktune.training import (SPIKE_WINDOW, LoopState, Run, StepResult, TrainStep, build_optimizer, evaluate_loss,
                              fused_loss_applies, lr_at, precision_dtype, prepare, total_steps)
 
@@ -355,8 +356,9 @@ class Trainer:
             lowers.append("load the base in 4-bit (model.load_in_4bit=true)")
         last = ckpt.list_checkpoints(self.output_dir)
         where = f"last checkpoint {last[-1].path} is intact (--resume latest)" if last else "no checkpoint was saved yet"
-        return TrainingStopped(f"out of memory at step {self.state.step + 1}: lower {'; or '.join(lowers)}; {where}",
-                               exit_code=3)
+        estimate = oom_hint(self.cfg) if self.run.device.type == "cuda" else ""
+        return TrainingStopped(f"out of memory at step {self.state.step + 1}: {estimate + '; ' if estimate else ''}"
+                               f"lower {'; or '.join(lowers)}; {where}", exit_code=3)
 
     def run_step(self, batches: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
         try:
@@ -452,6 +454,8 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
         ckpt.check_checkpoint_files(resume_from)  # a corrupt checkpoint fails here, before anything is written
     if not in_place and parallel.is_main:
         ckpt.check_output_dir(output_dir, overwrite)  # fail before the slow loading
+    if parallel.is_main and (warning := preflight(cfg)):
+        log(f"warning: {warning}")  # before the slow loading; the estimate is within a few percent, so only warn
     run = prepare(cfg, log)
     if not in_place and parallel.is_main:
         ckpt.claim_output_dir(output_dir, uuid.uuid4().hex, overwrite)
