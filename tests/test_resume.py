@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file

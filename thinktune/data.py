@@ -18,7 +18,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -432,8 +432,3 @@ def render_loss_span(example: Example, tokenizer: Any) -> str:
 
 def _wrap(text: str, in_loss: bool) -> str:
     return f"[[LOSS>{text}<LOSS]]" if in_loss else text
-
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i: i + size]

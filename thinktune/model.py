@@ -138,7 +138,7 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> Any:
     if not torch.cuda.is_available():
         raise UserError("4-bit/8-bit loading (bitsandbytes) needs a CUDA GPU; set model.load_in_4bit=false model.load_in_8bit=false on CPU")
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  (present?)
     except ImportError:
         raise UserError("4-bit/8-bit loading needs bitsandbytes: pip install bitsandbytes") from None
     from transformers import BitsAndBytesConfig
