@@ -65,6 +65,7 @@ class Row:
     checkpointing: Any = True  # thinktune: true | false | "auto"
     budget: str = "card"  # thinktune auto: "card" | "baseline" (the HF row's peak) | "<GiB>"
     fast_path: str = "auto"
+    compile: Any = "auto"
     optimizer: str = "adamw"
     about: str = ""
 
@@ -74,6 +75,7 @@ ROWS = [
     Row("tt_plain", "thinktune", checkpointing=True, fast_path="off", about="thinktune, fast path off (PEFT path)"),
     Row("tt_24g", "thinktune", checkpointing="auto", budget="baseline", about="fast path, auto at the baseline's peak"),
     Row("tt_auto", "thinktune", checkpointing="auto", about="fast path, auto: the card's memory"),
+    Row("tt_auto_nc", "thinktune", checkpointing="auto", compile=False, about="tt_auto without torch.compile"),
     Row("tt_gc", "thinktune", checkpointing=True, about="fast path, every layer recomputed"),
     Row("hf_q", "hf", quant=True, about="HF + PEFT QLoRA (NF4), gradient checkpointing"),
     Row("tt_qauto", "thinktune", quant=True, checkpointing="auto", about="fast path QLoRA, auto: the card's memory"),
@@ -192,7 +194,7 @@ def thinktune_step_fn(model: Any, device: torch.device, amp: torch.dtype | None,
         "data": {"max_seq_length": seq_len},
         "train": {"batch_size": rows, "grad_accum": 4 if shape == "var" else 1, "optimizer": row.optimizer,
                   "precision": "bf16" if amp is not None else "fp32", "gradient_checkpointing": row.checkpointing,
-                  "fast_path": row.fast_path, "packing": shape == "var", "max_grad_norm": 1.0, "lr": 2e-4},
+                  "fast_path": row.fast_path, "compile": row.compile, "packing": shape == "var", "max_grad_norm": 1.0, "lr": 2e-4},
     })
     peft_model, fast = prepare_model(cfg, model, device, log.append, budget_bytes)
     params = list(adapter_parameters(peft_model).values())
@@ -243,7 +245,7 @@ def measure(step: Callable, steps: list[list[list[Example]]], warmup: int, devic
     """Run warm-up then timed steps; tokens/s is the median over timed steps of real tokens / seconds."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rates, times = [], []
+    rates, times, first = [], [], 0.0
     for i, micro in enumerate(steps):
         real = sum(len(ex.input_ids) for group in micro for ex in group)
         sync(device)
@@ -251,12 +253,13 @@ def measure(step: Callable, steps: list[list[list[Example]]], warmup: int, devic
         step(micro)
         sync(device)
         dt = time.perf_counter() - t0
+        first = dt if i == 0 else first  # includes torch.compile's compile time when a row compiles
         if i >= warmup:
             rates.append(real / dt)
             times.append(dt)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else float("nan")
     return {"tokens_per_s": statistics.median(rates), "step_s": statistics.median(times), "peak_gib": peak,
-            "steps_timed": len(rates)}
+            "steps_timed": len(rates), "first_step_s": first}
 
 
 def release(*objects: Any) -> None:

@@ -219,6 +219,7 @@ class FastPath:
     mlps: int = 0
     norms: int = 0
     packed_attention: bool = False
+    compiled_layers: int = 0
     memory: MemoryPlan | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -236,6 +237,8 @@ class FastPath:
             parts.append(f"fused RMSNorm x{self.norms}")
         if self.packed_attention:
             parts.append("per-document attention for packed rows")
+        if self.compiled_layers:
+            parts.append(f"torch.compile on {self.compiled_layers} decoder layers")
         if self.memory is not None:
             parts.append(self.memory.describe())
         return "; ".join(parts + self.notes)
@@ -312,6 +315,15 @@ def set_checkpointed_layers(model: Any, count: int, reentrant: bool = False) -> 
         base.enable_input_require_grads()
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index < count
+
+
+def compile_layers(model: Any) -> int:
+    """`torch.compile` each decoder layer in place (`nn.Module.compile`; shapes go dynamic on the first
+    recompile); checkpointing stays outside, around the compiled call. Returns how many were compiled."""
+    layers = _decoder_layers(_base_model(model))
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def move_embedding_to_host(model: Any, device: torch.device, outputs_require_grad: bool) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,7 +23,7 @@ from thinktune.config import RunConfig
 from thinktune.data import (IGNORE_INDEX, DataReport, Example, PromptFormat, build_examples, carve_eval, collate,
                             load_samples)
 from thinktune.errors import UserError
-from thinktune.fastpath import FastPath, apply_fast_path, fast_path_supported, lora_layer_mapping
+from thinktune.fastpath import FastPath, apply_fast_path, compile_layers, fast_path_supported, lora_layer_mapping
 from thinktune.kernels import fused_linear_cross_entropy
 from thinktune.lora import attach_lora
 from thinktune.memory_plan import MemoryPlan, ModelShape, plan_memory
@@ -130,7 +131,12 @@ def prepare_model(cfg: RunConfig, model: Any, device: torch.device, log: Callabl
         return attach_lora(model, cfg.lora, cfg.train.seed, checkpointing), None
     model = attach_lora(model, cfg.lora, cfg.train.seed, False, custom_modules=lora_layer_mapping())
     plan = memory_plan(cfg, model, device, memory_budget_bytes)
-    return model, apply_fast_path(model, plan, device)
+    fast = apply_fast_path(model, plan, device)
+    # auto: where it was measured faster (issue 4): one CUDA process, no layer recomputed
+    measured = device.type == "cuda" and plan.checkpointed_layers == 0 and os.environ.get("WORLD_SIZE", "1") == "1"
+    if cfg.train.compile is True or (cfg.train.compile == "auto" and measured):
+        fast.compiled_layers = compile_layers(model)
+    return model, fast
 
 
 def memory_plan(cfg: RunConfig, model: Any, device: torch.device, budget_bytes: int | None = None) -> MemoryPlan:
