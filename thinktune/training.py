@@ -308,8 +308,9 @@ class TrainStep:
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         real_tokens = 0
         for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            # counted on the host copy: reading a device tensor here would sync the GPU every micro-batch
             real_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.no_sync(i == len(micro_batches) - 1):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     loss = self.loss_module(**batch) / denom
