@@ -200,7 +200,7 @@ class Trainer:
         return path
 
     def restore(self, folder: Path) -> None:
-        check_compatible(folder, self.cfg)
+        """Load a checkpoint that `train` has already checked (check_compatible, check_checkpoint_files)."""
         if self.parallel.mode == "fsdp":
             self.parallel.load_adapter(self.run.model, folder / "adapter_model.safetensors")
         else:
