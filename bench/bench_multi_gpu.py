@@ -7,7 +7,7 @@
 For each world size W the script starts `torchrun --nproc-per-node W` on itself (`--worker`). Each
 rank builds the same random-init model, attaches the seed recipe's adapters (r 16 on the seven
 projections, gradient checkpointing), joins the process group through `thinktune.distributed`
-and times `thinktune.training.TrainStep` over synthetic batches (every token a target) after
+and times `thinktune.step.TrainStep` over synthetic batches (every token a target) after
 warm-up steps. tokens/s counts every rank's tokens; scaling = tokens/s(W) / tokens/s(1).
 Model numbers: bench/r1_distill_qwen_7b.json when present (a transformers config), else the
 published DeepSeek-R1-Distill-Qwen-7B config below. Prints a table last; JSON goes to --out
@@ -58,7 +58,9 @@ def worker(args: argparse.Namespace) -> None:
     from thinktune.config import LoraConfig, config_from_dict
     from thinktune.distributed import init_parallel
     from thinktune.lora import adapter_parameters, attach_lora
-    from thinktune.training import TrainStep, build_optimizer, fused_loss_applies
+    from thinktune.objective import CausalLMObjective, fused_loss_applies
+    from thinktune.setup import build_optimizer
+    from thinktune.step import TrainStep
 
     cpu = args.cpu_smoke
     cfg = config_from_dict({"model": {"device": "cpu" if cpu else "cuda"},
@@ -77,9 +79,8 @@ def worker(args: argparse.Namespace) -> None:
     model = attach_lora(model, LoraConfig(), seed=3407, gradient_checkpointing=args.checkpointing)
     parallel.shard(model, None if cpu else torch.bfloat16)
     optimizer = build_optimizer(list(adapter_parameters(model).values()), cfg, device, log=lambda line: None)
-    fused = fused_loss_applies(model)[0]
-    step = TrainStep(model, optimizer, device, None if cpu else torch.bfloat16, 1.0, fused)
-    parallel.attach(step, log=lambda line: None)
+    fused = fused_loss_applies(model)[0] and parallel.head_outside_forward
+    step = TrainStep(CausalLMObjective(fused), optimizer, parallel, model, device, None if cpu else torch.bfloat16, 1.0)
     model.train()
 
     gen = torch.Generator().manual_seed(1000 + parallel.rank)

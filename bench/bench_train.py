@@ -7,9 +7,9 @@ process and on the same weights:
 - the baseline: PEFT LoRA (r16, alpha16, dropout 0, all 7 projections) on the transformers
   model, SDPA, gradient checkpointing, fused torch AdamW, bf16 autocast, `model(...).loss`;
   variable-length batches are right-padded (as HF's collator does);
-- thinktune: `train.prepare_model` (attach_lora + the fast path + the memory plan for
-  train.gradient_checkpointing=auto at a memory budget), `train.build_optimizer` and
-  `train.TrainStep` -- what `thinktune train` runs; variable-length steps are packed with
+- thinktune: `setup.prepare_model` (attach_lora + the fast path + the memory plan for
+  train.gradient_checkpointing=auto at a memory budget), `setup.build_optimizer` and
+  `step.TrainStep` with the SFT objective -- what `thinktune train` runs; variable-length steps are packed with
   `data.pack_by_tokens` + `data.collate_packed` (train.packing=true).
 
 Then the same for 4-bit QLoRA (bitsandbytes NF4, double quantisation; the decoder's linears
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import random
 import statistics
@@ -46,9 +45,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from thinktune.config import config_from_dict  # noqa: E402
-from thinktune.data import IGNORE_INDEX, Example, collate, collate_packed, pack_by_tokens  # noqa: E402
+from thinktune.data import Example, collate, collate_packed, pack_by_tokens  # noqa: E402
 from thinktune.lora import adapter_parameters  # noqa: E402
-from thinktune.training import TrainStep, build_optimizer, fused_loss_applies, prepare_model  # noqa: E402
+from thinktune.objective import CausalLMObjective, fused_loss_applies  # noqa: E402
+from thinktune.offload import PinnedOffload  # noqa: E402
+from thinktune.setup import build_optimizer, prepare_model  # noqa: E402
+from thinktune.step import SingleProcess, TrainStep  # noqa: E402
 
 GIB = 2**30
 CONFIG_7B = Path(__file__).with_name("r1_distill_qwen_7b.json")
@@ -200,7 +202,9 @@ def thinktune_step_fn(model: Any, device: torch.device, amp: torch.dtype | None,
     params = list(adapter_parameters(peft_model).values())
     optimizer = build_optimizer(params, cfg, device, log.append)
     fused, why = fused_loss_applies(peft_model, fast) if cfg.train.fast_path != "off" else (False, "fast path off")
-    train_step = TrainStep(peft_model, optimizer, device, amp, cfg.train.max_grad_norm, fused, fast=fast)
+    offload = PinnedOffload() if fast is not None and fast.offload_checkpoints else None
+    train_step = TrainStep(CausalLMObjective(fused), optimizer, SingleProcess(), peft_model, device, amp,
+                           cfg.train.max_grad_norm, offload)
     peft_model.train()
     budget_tokens = cfg.train.batch_size * cfg.data.max_seq_length
 

@@ -1,11 +1,11 @@
-"""Estimate vs measurement: peak memory of thinktune's own training step against thinktune.estimate.
+"""Estimate vs measurement: peak memory of thinktune's own training step against thinktune.memory.estimate.
 
 For each case (architecture, mode, batch x seq, checkpointing, fast path or PEFT path, packing)
 this builds a random-init model of that exact architecture (weights can't be downloaded; memory
 doesn't depend on their values), loads it the way `thinktune train` does (bf16, or bitsandbytes
 NF4 through model.load_base_model for QLoRA), then runs what `thinktune train` builds:
-training.prepare_model (adapters, fast path, memory plan), training.build_optimizer and
-training.TrainStep: one warm-up step (the optimizer state appears), then one measured step. It
+setup.prepare_model (adapters, fast path, memory plan), setup.build_optimizer and
+step.TrainStep: one warm-up step (the optimizer state appears), then one measured step. It
 compares torch.cuda.max_memory_allocated of the measured step with estimate.estimate_peak for the
 same inputs, prints a table last (estimate, measured, error %, path, card; then the measured
 allocator slack and CUDA context) and writes JSON to $OUT/estimate_check.json (or --out).
@@ -40,11 +40,16 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from thinktune.config import ModelConfig, config_from_dict  # noqa: E402
-from thinktune.estimate import GIB, PRESETS, estimate_peak  # noqa: E402
+from thinktune.memory.estimate import estimate_peak  # noqa: E402
+from thinktune.memory.shapes import GIB, PRESETS  # noqa: E402
 from thinktune.data import Example, collate_packed  # noqa: E402
 from thinktune.lora import adapter_parameters  # noqa: E402
 from thinktune.model import load_base_model  # noqa: E402
-from thinktune.training import TrainStep, build_optimizer, fused_loss_applies, precision_dtype, prepare_model  # noqa: E402
+from thinktune.model import precision_dtype  # noqa: E402
+from thinktune.objective import CausalLMObjective, fused_loss_applies  # noqa: E402
+from thinktune.offload import PinnedOffload  # noqa: E402
+from thinktune.setup import build_optimizer, prepare_model  # noqa: E402
+from thinktune.step import SingleProcess, TrainStep  # noqa: E402
 
 SMOLLM2_135M = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                 "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
@@ -183,7 +188,9 @@ def run_case(case: Case, device: torch.device, workdir: Path) -> dict[str, Any]:
     optimizer = build_optimizer(params, cfg, device, log=lambda msg: None)
     built = "adamw_8bit" if type(optimizer).__module__.startswith("bitsandbytes") else "adamw"  # no bnb: torch AdamW
     fused = fused_loss_applies(model, fast)[0] if cfg.train.fast_path != "off" else False
-    step = TrainStep(model, optimizer, device, precision_dtype("bf16", device), cfg.train.max_grad_norm, fused, fast=fast)
+    offload = PinnedOffload() if fast is not None and fast.offload_checkpoints else None
+    step = TrainStep(CausalLMObjective(fused), optimizer, SingleProcess(), model, device, precision_dtype("bf16", device),
+                     cfg.train.max_grad_norm, offload)
     batch = make_batch(case)
     step([batch], 1e-4)  # warm-up: creates the optimizer state
     started = time.perf_counter()
@@ -242,7 +249,7 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"{r['dynamic_error_pct']:+8.1f}%  {r['path']:<5}{r['phase']:<34}{r['card']}")
     within = [abs(r["error_pct"]) <= 10 for r in results if "error_pct" in r]
     gpu = [r for r in results if r.get("reserved")]
-    if gpu:  # what ALLOCATOR_SLACK and CUDA_CONTEXT_BYTES in thinktune/estimate.py stand for
+    if gpu:  # what ALLOCATOR_SLACK and CUDA_CONTEXT_BYTES in thinktune/memory/shapes.py stand for
         slack = max((r["reserved"] - r["measured"]) / r["measured"] for r in gpu)
         lines.append(f"allocator slack (reserved - allocated) up to {100 * slack:.1f}% of the peak; CUDA context "
                      f"{max(r['context'] for r in gpu) / GIB:.2f} GiB (not in max_memory_allocated)")

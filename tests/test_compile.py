@@ -10,7 +10,9 @@ from thinktune.config import ModelConfig, config_from_dict
 from thinktune.data import Example, collate_packed, pack_by_tokens
 from thinktune.lora import adapter_parameters
 from thinktune.model import load_base_model
-from thinktune.training import TrainStep, build_optimizer, prepare_model
+from thinktune.objective import CausalLMObjective
+from thinktune.setup import build_optimizer, prepare_model
+from thinktune.step import SingleProcess, TrainStep
 
 CPU = torch.device("cpu")
 
@@ -23,7 +25,7 @@ def _losses(model_dir: Path, compile_layers: bool, steps: int = 3) -> tuple[list
     base = load_base_model(ModelConfig(name_or_path=str(model_dir), device="cpu"))
     model, fast = prepare_model(cfg, base, CPU, log=lambda _: None)
     opt = build_optimizer(list(adapter_parameters(model).values()), cfg, CPU, log=lambda _: None)
-    step = TrainStep(model, opt, CPU, None, 1.0, fused_loss=True, fast=fast)
+    step = TrainStep(CausalLMObjective(fused=True), opt, SingleProcess(), model, CPU, None, 1.0)
     vocab = model.get_base_model().config.vocab_size
     gen = torch.Generator().manual_seed(1)
     losses = []

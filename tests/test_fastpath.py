@@ -14,10 +14,13 @@ from thinktune.config import config_from_dict
 from thinktune.data import Example, collate, collate_packed, pack_by_tokens
 from thinktune.fastpath import FusedRMSNorm, FusedSwiGLU, HostEmbedding, fast_path_supported
 from thinktune.lora import adapter_parameters
-from thinktune.memory_plan import MemoryPlan
+from thinktune.memory.planner import MemoryPlan
 from thinktune.model import load_base_model
 from thinktune.config import ModelConfig
-from thinktune.training import CausalLMLoss, TrainStep, build_optimizer, fused_loss_applies, prepare_model
+from thinktune.objective import CausalLMObjective, ObjectiveModule, fused_loss_applies
+from thinktune.offload import PinnedOffload
+from thinktune.setup import build_optimizer, prepare_model
+from thinktune.step import SingleProcess, TrainStep
 
 CPU = torch.device("cpu")
 
@@ -62,7 +65,7 @@ def test_loss_curve_matches_plain_path_and_packing(tiny_qwen2: Path):
         model, fast = prepared(tiny_qwen2, fast_path)
         cfg = run_cfg(fast_path)
         opt = build_optimizer(list(adapter_parameters(model).values()), cfg, CPU, log=lambda _: None)
-        step = TrainStep(model, opt, CPU, None, 1.0, fused_loss=fast is not None, fast=fast)
+        step = TrainStep(CausalLMObjective(fused=fast is not None), opt, SingleProcess(), model, CPU, None, 1.0)
         vocab = model.get_base_model().config.vocab_size
         losses = []
         for i in range(20):
@@ -80,9 +83,10 @@ def test_loss_curve_matches_plain_path_and_packing(tiny_qwen2: Path):
 
 
 def _grads(model, fast, batch):
-    loss = CausalLMLoss(model, True, offload=bool(fast and fast.offload_checkpoints))
+    loss = ObjectiveModule(model, CausalLMObjective(fused=True),
+                           PinnedOffload() if fast is not None and fast.offload_checkpoints else None)
     model.train()
-    loss(**batch).backward()
+    loss(**batch)[0].backward()
     grads = {n: p.grad.clone() for n, p in adapter_parameters(model).items()}
     for p in adapter_parameters(model).values():
         p.grad = None

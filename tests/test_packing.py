@@ -10,7 +10,8 @@ import torch
 from thinktune.config import ModelConfig, config_from_dict
 from thinktune.data import IGNORE_INDEX, Example, collate, collate_packed, pack_by_tokens
 from thinktune.model import load_base_model
-from thinktune.training import CausalLMLoss, prepare_model
+from thinktune.objective import CausalLMObjective
+from thinktune.setup import prepare_model
 
 
 def ex(n: int, start: int = 3) -> Example:
@@ -46,7 +47,8 @@ def test_packed_loss_equals_unpacked_per_sequence(tiny_qwen2: Path, fast_path: s
     for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
-    loss = CausalLMLoss(model, fused=fast is not None)
+    objective = CausalLMObjective(fused=fast is not None)
+    loss = lambda **batch: objective(model, batch).loss  # noqa: E731
     docs = [ex(11, 3), ex(6, 9), ex(17, 20)]
     with torch.no_grad():
         alone = sum(float(loss(**collate([d], 2))) for d in docs)

@@ -1,168 +1,167 @@
-"""The `thinktune` command: one entry point mapping subcommands to plain functions.
+"""The `thinktune` command: one table (`COMMANDS`) mapping each subcommand to its arguments and to
+the function in its stage's module that runs it.
 
 Errors the user can fix (`UserError`) print one line and exit 2; `--debug` shows the
-traceback. This module holds argument parsing and printing only.
+traceback. This module holds argument parsing and error printing only: it never trains,
+loads a model or reads data itself.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
 import os
-import shlex
 import sys
-import warnings
 import traceback
-from pathlib import Path
-from typing import Any, Callable
+import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 from thinktune.errors import TrainingStopped, UserError
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from thinktune.config import load_config
-    from thinktune.distributed import launch, under_torchrun
-
-    cfg = load_config(args.config, args.overrides)
-    if args.gpus is not None and args.gpus > 1 and not under_torchrun():
-        argv = ["train", args.config, *args.overrides] + (["--resume", args.resume] if args.resume else [])
-        return launch(args.gpus, (["--debug"] if args.debug else []) + argv, cfg)
-    from thinktune.loop import train
-
-    again = shlex.join(["thinktune", "train", args.config, *args.overrides, "--resume", "latest"])
-    summary = train(cfg, resume=args.resume, command=again)
-    return 0 if summary else 1
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    from thinktune.config import explain, load_config
-
-    if args.explain:
-        print(explain())
-        return 0
-    if not args.config:
-        raise UserError("validate needs a CONFIG (or --explain)")
-    cfg = load_config(args.config, args.overrides)
-    print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
-    print(f"{args.config}: valid", file=sys.stderr)
-    return 0
-
-
-def cmd_data(args: argparse.Namespace) -> int:
-    from thinktune.config import load_config
-    from thinktune.data import PromptFormat, build_examples, length_histogram, load_samples, render_loss_span
-    from thinktune.model import load_tokenizer, resolve_source
-
-    cfg = load_config(args.config, args.overrides)
-    tokenizer = load_tokenizer(resolve_source(cfg.model), cfg.model.trust_remote_code)
-    fmt = PromptFormat(cfg.data.template, tokenizer)
-    samples, report = load_samples(cfg.data.path, cfg.data)
-    examples = build_examples(samples, fmt, tokenizer, cfg.data, report)
-    for i, ex in enumerate(examples[: args.examples]):
-        print(f"----- example {i + 1} (loss on [[LOSS> ... <LOSS]], {ex.num_target_tokens}/{len(ex.input_ids)} tokens) -----")
-        print(render_loss_span(ex, tokenizer))
-    print("----- statistics -----")
-    print(report.summary())
-    stats = report.length_stats()
-    print("token lengths: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
-    print(f"max_seq_length {cfg.data.max_seq_length}, overlong policy: {cfg.data.overlong}, train_on: {cfg.data.train_on}")
-    print(length_histogram(report.lengths))
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from thinktune.generation import generate, read_questions
-
-    questions = list(args.questions)
-    if args.file:
-        questions += read_questions(args.file)
-    if not questions:
-        raise UserError('give a question ("...") or --file questions.jsonl')
-    results = generate(questions, adapter=args.adapter, base=args.base, template=args.template,
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, compare=args.compare,
-                       stream=not args.no_stream)
-    if args.out:
-        Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
-        print(f"wrote {len(results)} answers to {args.out}")
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from thinktune.export import merge
-
-    out = merge(args.adapter, args.out, dtype=args.dtype, base=args.base)
-    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained('{out}'))")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from thinktune.demo import run_demo
-
-    return run_demo(args.out, overrides=args.overrides, overwrite=args.overwrite, questions=args.questions)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="thinktune", description="LoRA/QLoRA fine-tuning of reasoning LLMs on chain-of-thought data")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train adapters: thinktune train CONFIG.yaml [key.path=value ...] [--resume latest|PATH]")
+def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML file or shipped config name (demo, r1-medical-zh, r1-medical-zh-qlora)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-4")
     p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint in output_dir, or from PATH")
     p.add_argument("--gpus", type=int, metavar="N", help="N processes on this host through torchrun (DDP, or FSDP2 with "
                    "train.distributed=fsdp); several hosts: torchrun --nnodes ... -m thinktune train CONFIG")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("validate", help="check a config and print it resolved")
+
+def validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--explain", action="store_true", help="list every key with its default and meaning")
-    p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("data", help="preview formatted examples (loss span marked) and token-length statistics")
+
+def data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--examples", type=int, default=2)
-    p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("generate", help="answer questions with base or base + adapter")
+
+def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("questions", nargs="*")
     p.add_argument("--adapter", help="adapter folder (output_dir or a checkpoint-N)")
     p.add_argument("--base", help="base model (hub id, folder, .gguf, embedded:smollm2); default: the adapter's")
     p.add_argument("--file", help="questions, one per line or JSONL with 'question'")
     p.add_argument("--out", help="write answers as JSONL")
     p.add_argument("--compare", action="store_true", help="show base and tuned answers side by side")
-    p.add_argument("--template", choices=["seed-zh", "seed-en", "chat"], help="default: the adapter's training template")
+    p.add_argument("--template", choices=TEMPLATES, help="default: the adapter's training template")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (R1 authors suggest 0.6 with sampling)")
     p.add_argument("--no-stream", action="store_true")
-    p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("merge", help="merge an adapter into its base and save a 16-bit model")
+
+def merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--base", help="override the base model")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("demo", help="offline CPU demo: tune SmolLM2-135M on the sample data, show before/after")
+
+def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output")
     p.add_argument("--overwrite", action="store_true", help="train again even if --out holds a finished demo")
     p.add_argument("--questions", type=int, default=3, help="held-out questions to show before/after")
     p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=cmd_demo)
 
-    for register in _extra_commands():
-        register(sub)
+
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="run config (its output_dir is the adapter; its eval data the questions)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides of CONFIG")
+    p.add_argument("--adapter", help="adapter folder (output_dir or checkpoint-N); default: CONFIG's output_dir")
+    p.add_argument("--base", help="base model; alone: evaluate the base model only")
+    p.add_argument("--data", help="held-out rows (file or sample:NAME); default: the run's eval data")
+    p.add_argument("--template", choices=TEMPLATES, help="default: the run's template")
+    p.add_argument("--n", type=int, help="evaluate only the first N rows")
+    p.add_argument("--max-new-tokens", type=int, help="generation budget (default: 1.5x the longest reference)")
+    p.add_argument("--batch-size", type=int, help="rows per loss batch (default: train.batch_size)")
+    p.add_argument("--no-base", action="store_true", help="skip the base column")
+    p.add_argument("--loss-only", action="store_true", help="skip the generations")
+    p.add_argument("--out", help="JSON file (default: OUTPUT_DIR/eval.json for a run's folder, else ./eval.json)")
+
+
+def plot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output_dir", help="a run's output_dir (holds metrics.jsonl)")
+
+
+def report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output_dir", help="a run's output_dir (holds metrics.jsonl; eval.json from thinktune eval if run)")
+    p.add_argument("--answers", type=int, default=3, help="held-out answers to show, base vs tuned (from eval.json)")
+    p.add_argument("--no-data", action="store_true", help="skip re-reading the data for its statistics")
+
+
+def estimate_arguments(p: argparse.ArgumentParser) -> None:
+    presets = "r1-1.5b, r1-7b, r1-8b, r1-14b, r1-32b, r1-70b"  # memory.shapes.PRESETS (not imported: --help stays light)
+    p.add_argument("model", nargs="?", help=f"preset ({presets}), hub id in the local cache, folder or config.json")
+    p.add_argument("--mode", choices=["infer-fp16", "infer-int8", "infer-int4", "lora", "qlora", "lora-int8"],
+                   help="default: lora (qlora when the config loads in 4-bit)")
+    p.add_argument("--batch", type=int, help="rows per micro-batch (default: the config's, 2)")
+    p.add_argument("--seq", type=int, help="tokens per row (default: data.max_seq_length, 2048)")
+    p.add_argument("--r", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t], help="comma-separated LoRA targets")
+    p.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], help="default: the config's (adamw_8bit)")
+    p.add_argument("--checkpointing", choices=["on", "off", "auto"], help="gradient checkpointing (default: on)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction,
+                   help="padding-free packed rows (default: the config's, auto = packed on the fast path)")
+    p.add_argument("--fast-path", choices=["auto", "on", "off"], help="thinktune's fused path (default: auto)")
+    p.add_argument("--config", help="read model/lora/data/train from a thinktune YAML (flags override it)")
+    p.add_argument("--gpu-gib", type=float, help="memory budget for --checkpointing auto (default: smallest card that fits)")
+    p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
+
+
+TEMPLATES = ["seed-zh", "seed-en", "chat"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its arguments (here) and the function that runs it (in its stage's module)."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: str
+    """"module:function", imported only when the command runs (so `thinktune --help` loads no torch)."""
+
+
+COMMANDS = (
+    Command("train", "train adapters: thinktune train CONFIG.yaml [key.path=value ...] [--resume latest|PATH]",
+            train_arguments, "thinktune.loop:train_command"),
+    Command("validate", "check a config and print it resolved", validate_arguments, "thinktune.config:validate_command"),
+    Command("data", "preview formatted examples (loss span marked) and token-length statistics", data_arguments,
+            "thinktune.setup:preview_data"),
+    Command("generate", "answer questions with base or base + adapter", generate_arguments,
+            "thinktune.generation:generate_command"),
+    Command("merge", "merge an adapter into its base and save a 16-bit model", merge_arguments,
+            "thinktune.export:merge_command"),
+    Command("demo", "offline CPU demo: tune SmolLM2-135M on the sample data, show before/after", demo_arguments,
+            "thinktune.demo:demo_command"),
+    Command("eval", "held-out loss/perplexity and format compliance, base vs tuned", eval_arguments,
+            "thinktune.evaluate:eval_command"),
+    Command("plot", "write PNG training curves into OUTPUT_DIR/plots/", plot_arguments, "thinktune.plot:plot_command"),
+    Command("report", "write OUTPUT_DIR/report.html (self-contained) and report.md", report_arguments,
+            "thinktune.report:report_command"),
+    Command("estimate", "how much GPU memory a model/mode/batch needs (no model: the R1 table)", estimate_arguments,
+            "thinktune.memory.advice:estimate_command"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thinktune", description="LoRA/QLoRA fine-tuning of reasoning LLMs on chain-of-thought data")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
     return parser
 
 
-def _extra_commands() -> list[Callable[[Any], None]]:
-    """Commands of later stages (eval, plot, report, estimate) register their own arguments here."""
-    from thinktune import cli_extra
-
-    return cli_extra.REGISTRY
+def run_command(target: str, args: argparse.Namespace) -> int:
+    """Import "module:function" and call it with the parsed arguments."""
+    module, function = target.split(":")
+    return int(getattr(importlib.import_module(module), function)(args) or 0)
 
 
 def quiet_libraries() -> None:
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         quiet_libraries()
     try:
-        return int(args.func(args) or 0)
+        return run_command(args.run, args)
     except UserError as exc:
         if args.debug:
             traceback.print_exc()

@@ -167,8 +167,8 @@ class TrainConfig:
     """Stop after this many consecutive steps with NaN/Inf loss or grad norm."""
     spike_factor: float = 10.0
     """Flag a grad-norm spike when the norm exceeds this multiple of the rolling median."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
+    objective: Literal["sft"] = "sft"
+    """What the step minimises: sft = the causal-LM cross-entropy on the completion tokens (thinktune/objective.py)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Several processes (--gpus N / torchrun): ddp = whole model per GPU; fsdp = FSDP2 shards base + adapters (not 4/8-bit)."""
 
@@ -408,3 +408,19 @@ def explain() -> str:
             lines.append(f"  # {docs.get(f.name, '')}")
             lines.append(f"  {f.name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}")
     return "\n".join(lines)
+
+
+def validate_command(args: Any) -> int:
+    """`thinktune validate CONFIG [overrides]` / `--explain`."""
+    import json
+    import sys
+
+    if args.explain:
+        print(explain())
+        return 0
+    if not args.config:
+        raise UserError("validate needs a CONFIG (or --explain)")
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
+    print(f"{args.config}: valid", file=sys.stderr)
+    return 0

@@ -6,7 +6,8 @@ The trip of one row: a `datasets` table (hub id or local JSON/JSONL/CSV/Parquet)
 EOS) unless `train_on: all`. The prompt is tokenised on its own and the completion
 appended, so the training prefix is token-for-token the inference prompt. Labels
 come from positions, never from token ids, so the EOS stays a target even when the
-tokenizer's pad id equals its EOS id (the R1 tokenizer's trap).
+tokenizer's pad id equals its EOS id (the R1 tokenizer's trap). `load_splits` is the one
+train/eval split that training, evaluation and the report all use.
 
 This module never loads a model and never touches a GPU.
 """
@@ -329,6 +330,38 @@ def carve_eval(samples: list[Sample], size: int | float, seed: int) -> tuple[lis
     random.Random(seed).shuffle(order)
     held = set(order[:count])
     return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+@dataclass
+class Splits:
+    """The run's training and held-out rows, split the one way training, evaluation and the report use."""
+
+    train: list[Sample]
+    train_report: DataReport | None
+    """None when only the held-out rows were asked for (`load_splits(..., with_train=False)`)."""
+    eval: list[Sample]
+    eval_report: DataReport
+    eval_kind: str
+    """"file" (data.eval_path / data.eval_split), "carved" (data.eval_size rows of train) or "none"."""
+    eval_label: str
+    """Where the held-out rows come from, in words."""
+
+
+def load_splits(cfg: DataConfig, seed: int, with_train: bool = True) -> Splits:
+    """Train and held-out rows: data.eval_path / eval_split when set, else data.eval_size rows carved
+    from train with the run's seed (`carve_eval`), else no held-out rows."""
+    if cfg.eval_path or cfg.eval_split:
+        train, train_report = load_samples(cfg.path, cfg) if with_train else ([], None)
+        source = cfg.eval_path or cfg.path
+        eval_samples, eval_report = load_samples(source, cfg, cfg.eval_split)
+        eval_report.source = f"eval {eval_report.source}"
+        label = source + (f" (split {cfg.eval_split})" if cfg.eval_split else "")
+        return Splits(train, train_report, eval_samples, eval_report, "file", label)
+    samples, train_report = load_samples(cfg.path, cfg)
+    train, eval_samples = carve_eval(samples, cfg.eval_size, seed)
+    kind = "carved" if eval_samples else "none"
+    carved_report = DataReport(source="eval (carved from train)", rows_read=len(eval_samples))
+    return Splits(train, train_report, eval_samples, carved_report, kind, f"{cfg.path} (eval rows carved by training)")
 
 
 # ----------------------------------------------------------------------------- batching

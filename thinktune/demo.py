@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from thinktune.config import RunConfig, load_config
 
@@ -62,3 +63,8 @@ def show_results(cfg: RunConfig, output_dir: Path, questions: int = 3) -> int:
     for line in learning_figures(result):
         print(line)
     return 0
+
+
+def demo_command(args: Any) -> int:
+    """`thinktune demo [--out DIR] [--overwrite] [--questions N] [overrides]`."""
+    return run_demo(args.out, overrides=args.overrides, overwrite=args.overwrite, questions=args.questions)

@@ -10,17 +10,20 @@ CUDA, gloo on CPU). The returned `Parallel` is what the loop talks to:
 - `shard(model)` (FSDP2 only, before the optimizer exists): `fully_shard` on every decoder
   layer and on the PeftModel root, so the frozen base and the adapters are both split
   over the processes.
-- `attach(step)`: fills `TrainStep`'s seams. DDP wraps the `CausalLMLoss` module; FSDP2
-  uses the root. Every process sums its micro-batches' token losses and divides by the
-  GLOBAL target-token count (`count_tokens`); the wrappers average gradients over the
-  processes, so `loss_multiplier = world_size` turns that average back into the sum. The
-  optimizer step is then exactly the one a single process makes over the same global
-  batch (the loop gives process r the stream's micro-batches r, r+W, r+2W, ...).
+- the data-parallel object `step.TrainStep` calls (step.DataParallel): `wrap` puts DDP around
+  the model + objective module (FSDP2: the sharded root is used as it is); every process sums
+  its micro-batches' losses and divides by the GLOBAL count (`count_tokens`); the wrappers
+  average gradients over the processes, so `loss_multiplier = world_size` turns that average
+  back into the sum; `no_sync` reduces gradients on a step's last micro-batch only. The
+  optimizer step is then exactly the one a single process makes over the same global batch
+  (batches.MicroBatches gives process r the run's micro-batches r, r+W, r+2W, ...).
+  `head_outside_forward` is False under FSDP2: the LM head is sharded outside the root's
+  forward, so the loop picks the objective's unfused loss.
 - `gather` / `load_adapter` / `load_optimizer_state`: checkpoints stay plain and
   unsharded (the files a single process writes), so any world size, or `thinktune
   generate` on one device, reads them. Under FSDP2 every process helps gather; rank 0 writes.
 
-This module never decides the data order and never writes files.
+This module never decides the data order, never computes a loss and never writes files.
 """
 from __future__ import annotations
 
@@ -30,14 +33,14 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
 
 from thinktune.config import RunConfig
 from thinktune.errors import UserError
-from thinktune.training import TrainStep, causal_lm_parts
+from thinktune.model import causal_lm_parts
 
 # NVLink multicast switches: launch() passes the caller's environment through unchanged, so
 # where these are set (shared hosts) they stay set in every worker.
@@ -106,10 +109,6 @@ class Parallel:
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
         return tensor.tolist()
 
-    def sum_int(self, local: int) -> int:
-        """The step's target tokens over all processes (TrainStep.count_tokens)."""
-        return int(self._reduce([float(local)])[0])
-
     def sum_floats(self, values: list[float]) -> list[float]:
         return self._reduce(values)
 
@@ -150,33 +149,43 @@ class Parallel:
         fully_shard(model, mesh=mesh, mp_policy=policy)
         self.root = model
 
-    def attach(self, step: TrainStep, log: Callable[[str], None] = print) -> None:
-        """Fill TrainStep's data-parallel seams (global token count, gradient sync, loss module)."""
-        if not self.active:
-            return
-        step.count_tokens = self.sum_int
-        step.loss_multiplier = float(self.world_size)  # DDP/FSDP average gradients; the loss wants their sum
-        if self.mode == "fsdp":
-            root = self.root
-            if root is None:
-                raise RuntimeError("Parallel.shard(model) must run before attach() in fsdp mode")
-            # The fused loss reads lm_head.weight outside the root's forward, where FSDP2 keeps it sharded:
-            # the loss goes through the root's own forward (logits materialised) instead.
-            step.loss_module.fused = False
-            step.no_sync = lambda is_last: _fsdp_sync(root, is_last)
-            log("training path: plain under FSDP2 (the fused loss needs the LM head unsharded outside forward)")
-            return
+    # ------------------------------------------------------------------ what TrainStep calls (step.DataParallel)
+    @property
+    def loss_multiplier(self) -> float:
+        """DDP/FSDP average gradients over the processes; the loss wants their sum."""
+        return float(self.world_size) if self.active else 1.0
+
+    @property
+    def head_outside_forward(self) -> bool:
+        """Whether the LM head's full weight can be read outside the model's forward (not under FSDP2)."""
+        return not (self.active and self.mode == "fsdp")
+
+    def count_tokens(self, local: int) -> int:
+        """The step's normalising count summed over all processes."""
+        return int(self._reduce([float(local)])[0])
+
+    def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """DDP around the model + objective module; FSDP2 and one process use the module as it is."""
+        if not self.active or self.mode == "fsdp":
+            if self.active and self.root is None:
+                raise RuntimeError("Parallel.shard(model) must run before the step is built in fsdp mode")
+            return module
         from torch.nn.parallel import DistributedDataParallel
 
-        module = step.loss_module
         # Every process loaded the same frozen base and buffers (rotary tables): never broadcast them.
         frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
         frozen += [name for name, _ in module.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
-        ddp = DistributedDataParallel(module, device_ids=[self.local_rank] if step.device.type == "cuda" else None,
-                                      gradient_as_bucket_view=True)
-        step.loss_module = ddp
-        step.no_sync = lambda is_last: contextlib.nullcontext() if is_last else ddp.no_sync()
+        return DistributedDataParallel(module, device_ids=[self.local_rank] if device.type == "cuda" else None,
+                                       gradient_as_bucket_view=True)
+
+    def no_sync(self, module: torch.nn.Module, is_last: bool) -> ContextManager[Any]:
+        """Reduce gradients only on the step's last micro-batch (DDP's no_sync; FSDP2's requires_gradient_sync)."""
+        if not self.active:
+            return contextlib.nullcontext()
+        if self.mode == "fsdp":
+            return _fsdp_sync(self.root, is_last)
+        return contextlib.nullcontext() if is_last else module.no_sync()
 
     # ------------------------------------------------------------------ checkpoints
     def gather(self, model: Any, optimizer: torch.optim.Optimizer) -> Gathered:

@@ -1,4 +1,5 @@
-"""The one exception type that means "the user gave us something we can't use".
+"""The exceptions the CLI turns into one line: `UserError` ("the user gave us something we can't use")
+and `TrainingStopped` (training ended early on purpose, with a valid checkpoint).
 
 Every stage raises `UserError` with a single line that names the file, row or key
 and says what to do. The CLI prints that line and exits with code 2 (no traceback

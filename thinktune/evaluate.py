@@ -5,7 +5,7 @@ switched off (`model.disable_adapter()`), so the model is loaded once:
 
 1. loss and perplexity on the reference completions, tokenised exactly as in
    training (`data.build_examples` -> `tokenize_sample` with the adapter's template,
-   train_on and max_seq_length), batched through `training.evaluate_loss`;
+   train_on and max_seq_length), batched through `objective.heldout_loss`;
 2. format compliance of greedy generations (`generation.answer`): the share that close
    `</think>`, that give a non-empty answer after it, that stop with EOS inside the
    token budget, and mean thinking / answer lengths in tokens (the generated text is
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from thinktune.config import RunConfig, config_from_dict, load_config
-from thinktune.data import (DataReport, PromptFormat, Sample, build_examples, carve_eval, eos_id, load_samples,
+from thinktune.data import (DataReport, PromptFormat, Sample, build_examples, eos_id, load_samples, load_splits,
                             split_thinking)
 from thinktune.errors import UserError
 
@@ -115,13 +115,9 @@ def heldout_samples(cfg: RunConfig, data: str | None = None) -> tuple[list[Sampl
     """Held-out rows: --data, else the config's eval data, else the rows training carved off (same seed)."""
     if data:
         return load_samples(data, cfg.data)[0], data
-    if cfg.data.eval_path or cfg.data.eval_split:
-        source = cfg.data.eval_path or cfg.data.path
-        label = source + (f" (split {cfg.data.eval_split})" if cfg.data.eval_split else "")
-        return load_samples(source, cfg.data, cfg.data.eval_split)[0], label
-    if cfg.data.eval_size:
-        samples, _ = load_samples(cfg.data.path, cfg.data)
-        return carve_eval(samples, cfg.data.eval_size, cfg.train.seed)[1], f"{cfg.data.path} (eval rows carved by training)"
+    if cfg.data.eval_path or cfg.data.eval_split or cfg.data.eval_size:
+        splits = load_splits(cfg.data, cfg.train.seed, with_train=False)
+        return splits.eval, splits.eval_label
     raise UserError("no held-out data: the config has no data.eval_path / eval_split and data.eval_size is 0; pass --data PATH")
 
 
@@ -134,9 +130,9 @@ def auto_budget(samples: Sequence[Sample], fmt: PromptFormat, tokenizer: Any) ->
 # ----------------------------------------------------------------------------- measuring one model
 
 def completion_loss(model: Any, examples: list[Any], tokenizer: Any, batch_size: int, amp_dtype: Any) -> dict[str, float]:
-    from thinktune.training import evaluate_loss
+    from thinktune.objective import heldout_loss
 
-    loss, tokens = evaluate_loss(model, examples, batch_size, tokenizer.pad_token_id, model.device, amp_dtype)
+    loss, tokens = heldout_loss(model, examples, batch_size, tokenizer.pad_token_id, model.device, amp_dtype)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "loss_tokens": tokens}
 
 
@@ -185,7 +181,7 @@ def run_eval(config: RunConfig | str | Path | None = None, adapter: str | Path |
     import torch
 
     from thinktune.export import load_with_adapter
-    from thinktune.training import precision_dtype
+    from thinktune.model import precision_dtype
 
     cfg, folder = resolve_run(config, adapter, base, overrides)
     samples, source = heldout_samples(cfg, data)
@@ -325,3 +321,15 @@ def default_out(config: str | None, overrides: list[str] | None, adapter: str | 
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         return str(run_dir / EVAL_FILE)
     return EVAL_FILE
+
+
+def eval_command(args: Any) -> int:
+    """`thinktune eval [CONFIG] [--adapter DIR] [--base MODEL] [--data PATH] [--n N] ...`."""
+    out = args.out or default_out(args.config, args.overrides, args.adapter)
+    result = run_eval(args.config, args.adapter, args.base, args.data, args.n, args.max_new_tokens, args.template,
+                      args.batch_size, not args.no_base, not args.loss_only, out, args.overrides)
+    print("\n" + format_table(result))
+    for line in learning_figures(result):
+        print(line)
+    print(f"wrote {out}")
+    return 0

@@ -105,3 +105,10 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", bas
         out.rmdir()
     os.replace(tmp, out)
     return out
+
+
+def merge_command(args: Any) -> int:
+    """`thinktune merge --adapter DIR --out DIR [--dtype bf16|fp16|fp32] [--base MODEL]`."""
+    out = merge(args.adapter, args.out, dtype=args.dtype, base=args.base)
+    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained('{out}'))")
+    return 0

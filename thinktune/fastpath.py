@@ -13,7 +13,7 @@ save and load in the standard PEFT format):
   product recomputed); RMSNorms of known formula -> `FusedRMSNorm` (`kernels.rms_norm`).
 - Attention: sdpa becomes `kernels.packed_attention` (sdpa itself unless the batch is a
   packed row, then per-document causal attention).
-- Memory: `memory_plan.plan_memory` picks how many layers to recompute (the first ones)
+- Memory: `memory.planner.plan_memory` picks how many layers to recompute (the first ones)
   and, when lean, moves the frozen input embedding to host memory (`HostEmbedding`).
 
 It never reads data, never steps an optimizer, and never changes the model's numbers
@@ -32,7 +32,7 @@ from thinktune.kernels.lora_linear import Projection, lora_linear
 from thinktune.kernels.lora_mlp import lora_mlp
 from thinktune.kernels.packed_attention import PACKED_ATTENTION, register_packed_attention
 from thinktune.kernels.rms_norm import rms_norm
-from thinktune.memory_plan import MemoryPlan
+from thinktune.memory.planner import MemoryPlan
 
 RMSNORM_CLASSES = frozenset({"Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen3RMSNorm"})
 """Norm classes whose forward is exactly `kernels.rms_norm.reference_rms_norm`."""

@@ -182,3 +182,22 @@ def generate(questions: Iterable[str], adapter: str | None = None, base: str | N
         out(format_answer(ans))
         results.append(ans.as_dict())
     return results
+
+
+def generate_command(args: Any) -> int:
+    """`thinktune generate [QUESTION ...] --adapter DIR | --base MODEL [--compare] [--file F] [--out F.jsonl]`."""
+    import json
+    from pathlib import Path
+
+    questions = list(args.questions)
+    if args.file:
+        questions += read_questions(args.file)
+    if not questions:
+        raise UserError('give a question ("...") or --file questions.jsonl')
+    results = generate(questions, adapter=args.adapter, base=args.base, template=args.template,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, compare=args.compare,
+                       stream=not args.no_stream)
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
+        print(f"wrote {len(results)} answers to {args.out}")
+    return 0

@@ -1,4 +1,10 @@
-"""The training loop: run `TrainStep` over the data, log, checkpoint, resume, stop gracefully.
+"""The training loop: run the step over the batch source, log, evaluate, checkpoint, resume, stop.
+
+`train(cfg)` wires the stages together: setup.prepare builds the `Run`, the objective named by
+train.objective and the batch source are built here and injected into `Trainer`, which calls
+`step.TrainStep` once per optimizer step. The loop owns the loop state, metrics, evaluation
+cadence, checkpoints, graceful stop and the NaN/spike bookkeeping; it never computes a loss
+itself and never decides which examples form a micro-batch (batches.MicroBatches does).
 
 Exact resume: the data order is a function of (seed, epoch), the position is the
 count of micro-batches consumed, and a checkpoint stores adapters, optimizer, RNG
@@ -10,52 +16,48 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import signal
 import statistics
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from thinktune import checkpoint as ckpt
+from thinktune.batches import MicroBatches
 from thinktune.config import RunConfig
-from thinktune.data import Example, collate, collate_packed, epoch_batches, pack_by_tokens
 from thinktune.distributed import Gathered, Parallel, init_parallel
 from thinktune.errors import TrainingStopped, UserError
 from thinktune.lora import adapter_parameters
-from thinktune.metrics import MetricsWriter, read_metrics
-from thinktune.preflight import oom_hint, preflight
-from thinktune.training import (SPIKE_WINDOW, LoopState, Run, StepResult, TrainStep, build_optimizer, evaluate_loss,
-                             fused_loss_applies, lr_at, precision_dtype, prepare, total_steps)
+from thinktune.metrics import SPIKE_WINDOW, MetricsWriter, read_metrics, spike_summary
+from thinktune.model import precision_dtype
+from thinktune.objective import Objective, build_objective, fused_loss_applies, heldout_loss
+from thinktune.offload import PinnedOffload
+from thinktune.memory.advice import oom_hint, preflight
+from thinktune.schedule import lr_at, total_steps
+from thinktune.setup import Run, build_optimizer, prepare
+from thinktune.step import StepResult, TrainStep
 
 
-class MicroBatches:
-    """The endless stream of micro-batches over epochs; index i is the i-th micro-batch of the run."""
+@dataclass
+class LoopState:
+    """What a checkpoint restores besides weights and optimizer: position and bookkeeping."""
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, pack_tokens: int = 0):
-        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
-        self.pack_tokens = pack_tokens  # > 0: a step's examples are packed into rows of at most this many tokens
-        self.per_epoch = math.ceil(len(examples) / batch_size)
-        self._epoch, self._batches = -1, []  # type: ignore[var-annotated]
-
-    def indices(self, index: int) -> list[int]:
-        epoch = index // self.per_epoch
-        if epoch != self._epoch:
-            self._epoch, self._batches = epoch, epoch_batches(len(self.examples), self.batch_size, self.seed, epoch)
-        return self._batches[index % self.per_epoch]
-
-    def batch(self, index: int) -> dict[str, torch.Tensor]:
-        return collate([self.examples[i] for i in self.indices(index)], self.pad_id)
-
-    def step(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        """One optimizer step's micro-batches: padded as drawn, or (packing) the same examples packed."""
-        if not self.pack_tokens:
-            return [self.batch(i) for i in indices]
-        examples = [self.examples[j] for i in indices for j in self.indices(i)]
-        return [collate_packed(group, self.pad_id) for group in pack_by_tokens(examples, self.pack_tokens)]
+    step: int = 0
+    micro_batch: int = 0  # micro-batches of the run consumed so far, over all ranks (a world-size-free position)
+    consecutive_bad: int = 0
+    bad_steps: list[int] = field(default_factory=list)
+    spikes: list[int] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    window_loss: float = 0.0
+    window_steps: int = 0
+    best_eval_loss: float | None = None
+    best_eval_step: int | None = None
+    best_checkpoint: str | None = None
 
 
 class GracefulStop:
@@ -136,10 +138,39 @@ def load_adapter_weights(model: Any, folder: Path) -> None:
         raise UserError(f"{path} does not match the model ({len(unexpected)} unexpected tensors, e.g. {unexpected[0]})")
 
 
-class Trainer:
-    """Owns one run: its model, optimizer, step function, state, metrics and checkpoints."""
+def select_objective(run: Run, parallel: Parallel, log: Callable[[str], None] = print) -> Objective:
+    """The objective train.objective names, with the fused LM head where it is exact and reachable."""
+    cfg = run.cfg
+    fused = False
+    if cfg.train.fast_path != "off":
+        fused, why = fused_loss_applies(run.model, run.fast)
+        log(f"training path: {'fast' if fused else 'plain'} ({why})")
+    else:
+        log("training path: plain (train.fast_path=off)")
+    if fused and not parallel.head_outside_forward:
+        # The fused loss reads lm_head.weight outside the root's forward, where FSDP2 keeps it sharded:
+        # the loss goes through the root's own forward (logits materialised) instead.
+        fused = False
+        log("training path: plain under FSDP2 (the fused loss needs the LM head unsharded outside forward)")
+    return build_objective(cfg.train.objective, fused)
 
-    def __init__(self, run: Run, log: Callable[[str], None] = print, parallel: Parallel | None = None):
+
+def batch_source(run: Run, parallel: Parallel) -> MicroBatches:
+    """Padded micro-batches, or packed rows when train.packing (auto: the fast path's per-document attention)."""
+    cfg = run.cfg
+    packing = cfg.train.packing is True or (cfg.train.packing == "auto" and run.fast is not None
+                                             and run.fast.packed_attention)
+    pack_tokens = cfg.train.batch_size * cfg.data.max_seq_length if packing else 0
+    return MicroBatches(run.train_examples, cfg.train.batch_size, cfg.train.seed, run.tokenizer.pad_token_id,
+                        pack_tokens, cfg.train.grad_accum, parallel.rank, parallel.world_size)
+
+
+class Trainer:
+    """Owns one run: its optimizer, step, state, metrics and checkpoints; the objective and the
+    batch source are given to it."""
+
+    def __init__(self, run: Run, objective: Objective, batches: MicroBatches, log: Callable[[str], None] = print,
+                 parallel: Parallel | None = None):
         cfg = run.cfg
         self.run, self.cfg, self.log = run, cfg, log
         self.parallel = parallel or Parallel()  # one process, or this rank of a DDP/FSDP2 run (thinktune.distributed)
@@ -149,20 +180,11 @@ class Trainer:
         self.params = list(adapter_parameters(run.model).values())
         self.optimizer = build_optimizer(self.params, cfg, run.device, log)
         self.amp_dtype = precision_dtype(cfg.train.precision, run.device)
-        fused = False
-        if cfg.train.fast_path != "off":
-            fused, why = fused_loss_applies(run.model, run.fast)
-            log(f"training path: {'fast' if fused else 'plain'} ({why})")
-        else:
-            log("training path: plain (train.fast_path=off)")
-        self.step_fn = TrainStep(run.model, self.optimizer, run.device, self.amp_dtype, cfg.train.max_grad_norm, fused,
-                                 fast=run.fast)
-        self.parallel.attach(self.step_fn, log)
+        offload = PinnedOffload() if run.fast is not None and run.fast.offload_checkpoints else None
+        self.step_fn = TrainStep(objective, self.optimizer, self.parallel, run.model, run.device, self.amp_dtype,
+                                 cfg.train.max_grad_norm, offload)
         self.pad_id = run.tokenizer.pad_token_id
-        packing = cfg.train.packing is True or (cfg.train.packing == "auto" and run.fast is not None
-                                                 and run.fast.packed_attention)
-        pack_tokens = cfg.train.batch_size * cfg.data.max_seq_length if packing else 0
-        self.stream = MicroBatches(run.train_examples, cfg.train.batch_size, cfg.train.seed, self.pad_id, pack_tokens)
+        self.stream = batches
         self.total = total_steps(cfg, len(run.train_examples), self.world_size)
         self.state = LoopState()
         self.metrics: MetricsWriter | None = None
@@ -273,7 +295,7 @@ class Trainer:
             return None
         self.last_eval_step = self.state.step
         try:
-            loss, tokens = evaluate_loss(self.run.model, self.run.eval_examples, self.cfg.train.batch_size, self.pad_id,
+            loss, tokens = heldout_loss(self.run.model, self.run.eval_examples, self.cfg.train.batch_size, self.pad_id,
                                          self.run.device, self.amp_dtype)
         except torch.OutOfMemoryError:
             raise self.out_of_memory() from None
@@ -302,19 +324,17 @@ class Trainer:
                 if any(r.get("kind") == "eval" and r.get("step") == self.state.step for r in read_metrics(self.output_dir)):
                     self.last_eval_step = self.state.step  # evaluated just before that checkpoint was saved
         self.run.model.train()
-        accum = cfg.train.grad_accum
         started = time.time()
         stopped_early = False
         bar = tqdm(total=self.total, initial=self.state.step, disable=not self.is_main, dynamic_ncols=True, unit="step")
         with GracefulStop() as stop, bar:  # the bar closes before any error line is printed
             while self.state.step < self.total:
-                # micro_batch counts the run's micro-batches over all ranks; rank r takes every world_size-th one
-                first = self.state.micro_batch + self.rank
-                batches = self.stream.step([first + i * self.world_size for i in range(accum)])
+                # micro_batch counts the run's micro-batches over all ranks; the source deals them to the ranks
+                batches = self.stream.for_step(self.state.micro_batch)
                 lr = lr_at(self.state.step, self.total, cfg)
                 t0 = time.perf_counter()
                 result = self.run_step(batches, lr)
-                self.state.micro_batch += accum * self.world_size
+                self.state.micro_batch += self.stream.per_step
                 record = self.after_step(result, lr, time.perf_counter() - t0)
                 if record:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -424,15 +444,6 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def spike_summary(spikes: list[int], clip: float, factor: float) -> str:
-    if not spikes:
-        return f"grad-norm spikes: none (rule: > {factor:g}x the rolling median of the last {SPIKE_WINDOW} steps)"
-    where = ", ".join(map(str, spikes[:10])) + (" ..." if len(spikes) > 10 else "")
-    clipping = f"clipping at {clip:g} was on, so each spike's update was bounded" if clip > 0 else \
-        "clipping was OFF (train.max_grad_norm=0): spikes went into the update unbounded"
-    return f"grad-norm spikes: {len(spikes)} at step(s) {where} (> {factor:g}x rolling median); {clipping}"
-
-
 def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] = print,
           command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a training described by cfg; return the summary.
@@ -463,7 +474,7 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
         log(f"notice: checkpoints newer than step {info.step} moved to {aside} (this run continues from step {info.step})")
     parallel.barrier()
     parallel.shard(run.model, precision_dtype(cfg.train.precision, run.device))
-    trainer = Trainer(run, log, parallel)
+    trainer = Trainer(run, select_objective(run, parallel, log), batch_source(run, parallel), log, parallel)
     tcfg = cfg.train
     log(f"global batch: {tcfg.batch_size} sequences/device x {tcfg.grad_accum} accumulation x {parallel.world_size} "
         f"process(es) = {tcfg.batch_size * tcfg.grad_accum * parallel.world_size} sequences per optimizer step")
@@ -480,3 +491,17 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
 
 def _quiet(message: str) -> None:
     """The log of ranks other than 0: rank 0 speaks for the run."""
+
+
+def train_command(args: Any) -> int:
+    """`thinktune train CONFIG [overrides] [--resume latest|PATH] [--gpus N]`."""
+    from thinktune.config import load_config
+    from thinktune.distributed import launch, under_torchrun
+
+    cfg = load_config(args.config, args.overrides)
+    if args.gpus is not None and args.gpus > 1 and not under_torchrun():
+        argv = ["train", args.config, *args.overrides] + (["--resume", args.resume] if args.resume else [])
+        return launch(args.gpus, (["--debug"] if args.debug else []) + argv, cfg)
+    again = shlex.join(["thinktune", "train", args.config, *args.overrides, "--resume", "latest"])
+    summary = train(cfg, resume=args.resume, command=again)
+    return 0 if summary else 1

@@ -73,9 +73,3 @@ def adapter_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
     """Trainable parameters by name, in a stable order (the optimiser's order)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
-
-def adapter_state(model: Any) -> dict[str, torch.Tensor]:
-    """The adapter tensors as PEFT saves them (names without the adapter name)."""
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model)

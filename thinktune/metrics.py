@@ -3,6 +3,8 @@
 Records carry a "kind": "train" (every logging step), "eval", or "summary". The
 plotter and the report read the file back with `read_metrics`. On resume the file is
 cut back to the checkpoint's step so the log after a resume matches an uninterrupted run.
+`spike_summary` words the grad-norm spike record for the loop's last line and the plots.
+This module never computes a metric from a model; it stores and reads what the loop hands it.
 """
 from __future__ import annotations
 
@@ -64,3 +66,17 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+SPIKE_WINDOW = 50
+"""Steps in the rolling median that a grad-norm spike is measured against."""
+
+
+def spike_summary(spikes: list[int], clip: float, factor: float) -> str:
+    """One line on the run's grad-norm spikes and whether clipping bounded them."""
+    if not spikes:
+        return f"grad-norm spikes: none (rule: > {factor:g}x the rolling median of the last {SPIKE_WINDOW} steps)"
+    where = ", ".join(map(str, spikes[:10])) + (" ..." if len(spikes) > 10 else "")
+    clipping = f"clipping at {clip:g} was on, so each spike's update was bounded" if clip > 0 else \
+        "clipping was OFF (train.max_grad_norm=0): spikes went into the update unbounded"
+    return f"grad-norm spikes: {len(spikes)} at step(s) {where} (> {factor:g}x rolling median); {clipping}"

@@ -55,6 +55,23 @@ def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for train.precision on `device`, or None for plain fp32."""
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and precision == "fp16":
+        raise UserError("train.precision=fp16 needs a GPU; use fp32 (or bf16) on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def causal_lm_parts(model: Any) -> tuple[Any, Any]:
+    """(decoder that returns hidden states, lm_head) of a causal LM, PEFT-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
 def resolve_source(cfg: ModelConfig) -> ModelSource:
     """Turn the config's name into a loadable folder/hub id (GGUF files are converted once)."""
     name = cfg.name_or_path

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from thinktune.errors import UserError
-from thinktune.metrics import METRICS_FILE, read_metrics
+from thinktune.metrics import METRICS_FILE, read_metrics, spike_summary
 
 PLOTS_DIR = "plots"
 COLORS = {"train": "#1f77b4", "eval": "#d62728", "grad": "#2ca02c", "clip": "#ff7f0e", "spike": "#d62728",
@@ -170,8 +170,6 @@ def spike_caption(s: Series, spike_factor: float | None) -> str | None:
     """The run's spike summary line (as the training log printed it), when the run finished."""
     if s.summary is None:
         return None
-    from thinktune.loop import spike_summary
-
     return spike_summary(s.summary.get("spikes", []), s.summary.get("clip", s.clip or 0.0), spike_factor or 10.0)
 
 
@@ -215,3 +213,10 @@ def plot_run(output_dir: str | Path) -> list[Path]:
         fig.savefig(path)
         written.append(path)
     return written
+
+
+def plot_command(args: Any) -> int:
+    """`thinktune plot OUTPUT_DIR`."""
+    for path in plot_run(args.output_dir):
+        print(f"wrote {path}")
+    return 0

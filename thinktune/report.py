@@ -35,23 +35,18 @@ TARGET_LOSS_DROP, TARGET_FORMAT_OK = 0.20, 0.90  # the demo's bar (issue 5): eva
 # ----------------------------------------------------------------------------- gathering
 
 def data_statistics(cfg: Any, output_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
-    """Re-read the run's data as `training.prepare` does; (one dict per data source, or [] and why not)."""
-    from thinktune.data import DataReport, PromptFormat, build_examples, carve_eval, load_samples
+    """Re-read the run's data as `setup.prepare` does (data.load_splits); (one dict per data source, or [] and why not)."""
+    from thinktune.data import PromptFormat, build_examples, load_splits
     from thinktune.model import ModelSource, load_tokenizer, resolve_source
 
     try:
         source = ModelSource(str(output_dir)) if (output_dir / "tokenizer_config.json").is_file() else resolve_source(cfg.model)
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
         fmt = PromptFormat(cfg.data.template, tokenizer)
-        samples, report = load_samples(cfg.data.path, cfg.data)
-        pairs = [(samples, report)]
-        if cfg.data.eval_path or cfg.data.eval_split:
-            eval_samples, eval_report = load_samples(cfg.data.eval_path or cfg.data.path, cfg.data, cfg.data.eval_split)
-            eval_report.source = f"eval {eval_report.source}"
-            pairs.append((eval_samples, eval_report))
-        elif cfg.data.eval_size:
-            train_part, eval_part = carve_eval(samples, cfg.data.eval_size, cfg.train.seed)
-            pairs = [(train_part, report), (eval_part, DataReport(source="eval (carved from train)", rows_read=len(eval_part)))]
+        splits = load_splits(cfg.data, cfg.train.seed)
+        pairs = [(splits.train, splits.train_report)]
+        if splits.eval_kind != "none" or cfg.data.eval_size:
+            pairs.append((splits.eval, splits.eval_report))
         stats = []
         for rows, rep in pairs:
             build_examples(rows, fmt, tokenizer, cfg.data, rep)
@@ -337,3 +332,10 @@ def build_report(output_dir: str | Path, answers: int = 3, with_data: bool = Tru
     if not info["eval"]:
         log(f"note: {folder / EVAL_FILE} not found; the report has no base-vs-tuned section (run thinktune eval first)")
     return html_path, md_path
+
+
+def report_command(args: Any) -> int:
+    """`thinktune report OUTPUT_DIR [--answers N] [--no-data]`."""
+    for path in build_report(args.output_dir, args.answers, not args.no_data):
+        print(f"wrote {path}")
+    return 0

@@ -1,4 +1,4 @@
-"""thinktune.estimate / thinktune.preflight: exact arithmetic on small known configs, checked against real tensors.
+"""thinktune.memory.estimate / thinktune.memory.advice: exact arithmetic on small known configs, checked against real tensors.
 
 Weights, adapters and optimizer state are compared with the tensors of real models (transformers
 on the meta device, PEFT, torch AdamW, bitsandbytes NF4); the per-layer activation formula with
@@ -19,16 +19,17 @@ import torch
 from thinktune.cli import main
 from thinktune.config import LoraConfig, RunConfig, config_from_dict, load_config
 from thinktune.errors import UserError
-from thinktune.estimate import (GIB, PRESETS, ModelShape, adapter_tensors, estimate_peak, layer_saved_per_token,
-                                nf4_bytes, optimizer_bytes, weight_bytes)
+from thinktune.memory.activations import layer_saved_per_token
+from thinktune.memory.estimate import adapter_tensors, estimate_peak, nf4_bytes, optimizer_bytes, weight_bytes
+from thinktune.memory.shapes import GIB, PRESETS, ModelShape
 from thinktune.lora import attach_lora
-from thinktune.preflight import load_model_config, oom_hint, preflight, seed_table
-from thinktune.training import prepare_model
+from thinktune.memory.advice import load_model_config, oom_hint, preflight, seed_table
+from thinktune.setup import prepare_model
 
 TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
 TINY_LLAMA = {**TINY, "model_type": "llama", "tie_word_embeddings": True}
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "estimate_check.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "estimate_check.py"
 
 
 def build(config: dict, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
@@ -234,7 +235,8 @@ def test_seven_b_lora_does_not_fit_ten_gigabytes_and_qlora_not_six():
 
 
 def test_fused_chunk_rule_mirrors_the_kernel():
-    from thinktune.estimate import FUSED_CE_CHUNK_BUDGET, _chunk_rows
+    from thinktune.memory.activations import _chunk_rows
+    from thinktune.memory.shapes import FUSED_CE_CHUNK_BUDGET
     from thinktune.kernels import DEFAULT_CHUNK_BYTES, default_chunk_size
 
     assert FUSED_CE_CHUNK_BUDGET == DEFAULT_CHUNK_BYTES

@@ -4,9 +4,9 @@
 `torch.cuda.max_memory_allocated` reports (weights, adapters, gradients, optimizer state,
 activations, logits/loss, workspace), plus what the card needs beyond it (CUDA context,
 allocator slack), and the smallest common card that holds it. Every term is a formula of the
-config's widths; the activation terms follow what `training.TrainStep` really keeps on either
+config's widths; the activation terms follow what `step.TrainStep` really keeps on either
 path: the fast path (thinktune.fastpath: fused LoRA projections, SwiGLU and RMSNorm, packed
-per-document attention, memory_plan's choice of recomputed layers, lean host offload) or the
+per-document attention, memory.planner's choice of recomputed layers, lean host offload) or the
 PEFT path (PEFT LoRA layers under bf16 autocast, transformers modules); SDPA attention;
 non-reentrant checkpointing of whole decoder layers; the chunked fused linear cross-entropy
 (kernels/) or the plain fp32 loss. Per-layer numbers live in `layer_saved_per_token` /
@@ -14,7 +14,7 @@ non-reentrant checkpointing of whole decoder layers; the chunked fused linear cr
 autograd saves; bench/estimate_check.py --dry-run-cpu tracks every live tensor of a real step).
 
 This module is arithmetic on config dicts: it reads no file, never imports torch, never loads
-weights and never trains. thinktune/preflight.py finds configs and turns estimates into answers
+weights and never trains. memory/advice.py finds configs and turns estimates into answers
 (`thinktune estimate`, the pre-flight and out-of-memory lines of `thinktune train`).
 """
 from __future__ import annotations
@@ -25,135 +25,12 @@ from typing import Any
 
 from thinktune.config import LoraConfig
 from thinktune.errors import UserError
+from thinktune.memory.activations import layer_saved_per_token, layer_transient_per_token, loss_bytes
+from thinktune.memory.planner import plan_memory
+from thinktune.memory.shapes import ALLOCATOR_SLACK, CARDS, CUDA_CONTEXT_BYTES, GIB, WORKSPACE_BYTES, ModelShape
 
-GIB = 2**30
 MODES = ("infer-fp16", "infer-int8", "infer-int4", "lora", "qlora", "lora-int8")
 CHECKPOINTING = ("on", "off", "auto")
-
-CUDA_CONTEXT_BYTES = 0.5 * GIB
-"""CUDA context + loaded kernels (lazy loading): on the card but not in max_memory_allocated."""
-ALLOCATOR_SLACK = 0.03
-"""Fraction of the peak the caching allocator holds beyond it (fragmentation: reserved - allocated);
-memory_plan keeps a similar margin (2% + 128 MiB). bench/estimate_check.py measures it."""
-WORKSPACE_BYTES = 64 * 2**20
-"""cuBLAS/cuBLASLt workspaces: allocated through PyTorch's allocator, so inside max_memory_allocated."""
-FUSED_CE_CHUNK_BUDGET = 256 * 2**20
-"""Mirror of kernels.fused_ce.DEFAULT_CHUNK_BYTES (checked equal by the tests; not imported: no torch here)."""
-
-FAST_MODEL_TYPES = frozenset({"qwen2", "llama", "mistral", "qwen3"})
-"""Model types whose norms fastpath.RMSNORM_CLASSES fuses (with a SiLU gate/up/down MLP)."""
-
-CARDS: list[tuple[float, str]] = [
-    (7.9, "8 GB (RTX 4060, RTX 3070)"),
-    (11.9, "12 GB (RTX 3060, RTX 4070)"),
-    (15.9, "16 GB (RTX 4080, RTX 4060 Ti 16GB)"),
-    (23.9, "24 GB (RTX 3090, RTX 4090)"),
-    (39.5, "40 GB (A100 40GB)"),
-    (44.9, "48 GB (L40S, RTX A6000)"),
-    (79.2, "80 GB (A100 80GB, H100 80GB)"),
-    (139.8, "141 GB (H200)"),
-]
-"""(GiB that torch reports as the card's total memory, name), smallest first."""
-
-_QWEN2 = {"model_type": "qwen2", "num_hidden_layers": 28, "tie_word_embeddings": False}
-_LLAMA = {"model_type": "llama", "attention_bias": False, "tie_word_embeddings": False}
-PRESETS: dict[str, dict[str, Any]] = {
-    "r1-1.5b": {**_QWEN2, "_base": "Qwen2.5-Math-1.5B", "hidden_size": 1536, "intermediate_size": 8960,
-                "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936},
-    "r1-7b": {**_QWEN2, "_base": "Qwen2.5-Math-7B", "hidden_size": 3584, "intermediate_size": 18944,
-              "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064},
-    "r1-8b": {**_LLAMA, "_base": "Llama-3.1-8B", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
-    "r1-14b": {**_QWEN2, "_base": "Qwen2.5-14B", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 48,
-               "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064},
-    "r1-32b": {**_QWEN2, "_base": "Qwen2.5-32B", "hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64,
-               "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064},
-    "r1-70b": {**_LLAMA, "_base": "Llama-3.3-70B", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-               "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256},
-}
-"""Architectures of the DeepSeek-R1 distills (public config.json facts), by size."""
-PRESET_HUB_IDS = {
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "r1-1.5b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": "r1-7b",
-    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": "r1-8b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B": "r1-14b",
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B": "r1-32b", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B": "r1-70b",
-}
-
-
-# ----------------------------------------------------------------------------- the model's shape
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The widths of a dense decoder-only transformer (Llama/Qwen2/Mistral family) that memory depends on."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tie: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    logit_softcap: bool = False
-    fast_ok: bool = True
-    """thinktune's fast path has exact fused twins for this architecture (SiLU SwiGLU, Llama/Qwen RMSNorm)."""
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def projections(self) -> dict[str, tuple[int, int, bool]]:
-        """(in_features, out_features, has_bias) of each decoder layer's linear layers, by module name."""
-        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
-        return {"q_proj": (h, q, self.qkv_bias), "k_proj": (h, kv, self.qkv_bias), "v_proj": (h, kv, self.qkv_bias),
-                "o_proj": (q, h, self.o_bias), "gate_proj": (h, i, self.mlp_bias), "up_proj": (h, i, self.mlp_bias),
-                "down_proj": (i, h, self.mlp_bias)}
-
-    def linear_params(self) -> int:
-        """Weights (not biases) of all decoder linear layers: what 4-/8-bit loading quantises."""
-        return self.layers * sum(i * o for i, o, _ in self.projections().values())
-
-    def params(self) -> int:
-        """Exact parameter count, as `sum(p.numel() for p in model.parameters())` gives it.
-
-        embed V*H + layers * (sum of projection weights and biases + 2 RMSNorm weights H)
-        + final norm H + (untied head V*H).
-        """
-        biases = sum(o for _, o, has in self.projections().values() if has)
-        per_layer = sum(i * o for i, o, _ in self.projections().values()) + biases + 2 * self.hidden
-        head = 0 if self.tie else self.vocab * self.hidden
-        return self.vocab * self.hidden + self.layers * per_layer + self.hidden + head
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ModelShape":
-        """Read a transformers config.json dict (nested `text_config` too). Raises UserError when it is not a dense decoder."""
-        cfg = config.get("text_config") if "hidden_size" not in config and isinstance(config.get("text_config"), dict) else config
-        for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-            if cfg.get(key):
-                raise UserError(f"mixture-of-experts configs ({key}={cfg[key]}) are not supported by the estimator")
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-                   if not isinstance(cfg.get(k), int)]
-        if missing:
-            raise UserError(f"model config lacks {', '.join(missing)}: not a decoder-only transformer config.json")
-        heads = cfg["num_attention_heads"]
-        model_type = str(cfg.get("model_type", ""))
-        attention_bias = cfg.get("attention_bias")
-        return cls(
-            hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"], layers=cfg["num_hidden_layers"],
-            heads=heads, kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab=cfg["vocab_size"],
-            tie=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=bool(attention_bias) if attention_bias is not None else model_type == "qwen2",
-            o_bias=bool(attention_bias), mlp_bias=bool(cfg.get("mlp_bias", False)),
-            logit_softcap=bool(cfg.get("final_logit_softcapping") or cfg.get("logit_scale")),
-            fast_ok=model_type in FAST_MODEL_TYPES and cfg.get("hidden_act", "silu") in ("silu", "swish"),
-        )
 
 
 # ----------------------------------------------------------------------------- static terms
@@ -224,102 +101,6 @@ def optimizer_bytes(tensor_sizes: list[int], optimizer: str) -> float:
     return float(sum(2 * n + 8 * math.ceil(n / 256) + 2048 if n >= 4096 else 8 * n for n in tensor_sizes))
 
 
-# ----------------------------------------------------------------------------- activation terms
-
-def layer_saved_per_token(shape: ModelShape, lora: LoraConfig, act_bytes: int, seq: int, padded: bool,
-                          path: str = "fast", casts_input: bool = True, packed: bool = False) -> dict[str, float]:
-    """Bytes per token that one decoder layer keeps for backward (no checkpointing), by what keeps them.
-
-    a = activation bytes (2 under bf16/fp16 autocast, 4 in fp32); H, Q, KV, I = hidden, query,
-    key/value and MLP widths; r = LoRA rank. Frozen base Linears save no input. Both paths:
-      attention: rotated q, k and v, SDPA output, log-sum-exp   a * (2Q + 2KV) + 4 * heads;
-            with a padding mask, k and v are repeated to all heads (2Q instead of 2KV) and the
-            float mask [B, 1, S, S] is saved by the memory-efficient kernel (a * S per token);
-            a packed row of several documents adds a contiguous copy of the output (a * Q)
-      LoRA: each adapter's x A^T                          a * r  per target
-    path "fast" (thinktune.fastpath: kernels.rms_norm, lora_linear, lora_mlp):
-      two RMSNorms keep their input and 1/rms             2 * (aH + 4)
-      q, k, v share one saved input; the MLP keeps its input   aH + aH
-      the MLP keeps gate and up outputs (the product is recomputed)   2 * a * I
-    path "peft" (PEFT LoRA layers, transformers modules):
-      two RMSNorms keep a float32 copy of their input and 1/rms   2 * (4H + 4)
-      PEFT's Linear casts each adapted input to float32 and autocast casts it back to a new
-      16-bit copy that lora_A saves (casts_input)   a * in  per target (q, k, v, gate, up: H;
-      o: Q; down: I); PEFT's bitsandbytes layers (under autocast) and fp32 runs save the input
-      itself, once per distinct input (o_proj's is the SDPA output, saved anyway)
-      MLP: gate output (SiLU input), SiLU output and up output   3 * a * I
-    Checked against what autograd saves (saved-tensor hooks, tests/test_estimate.py). For the 7B
-    (H 3584, Q 3584, KV 512, I 18944), r=16 on all seven: fast 121,176, peft 239,960 bytes/token.
-    """
-    a, h, q, kv, i = act_bytes, shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
-    targets = [t for t in lora.target_modules if t != "lm_head"]
-    widths = {name: fan_in for name, (fan_in, _, _) in shape.projections().items()}
-    terms = {
-        "LoRA A outputs": a * lora.r * len(targets),
-        "attention q, k, v, output, lse": 2 * a * q + 2 * a * (q if padded else kv) + 4 * shape.heads,
-        "attention padding mask": a * seq if padded else 0,
-        "packed-row output copy": a * q if packed else 0,
-    }
-    if path == "fast":
-        qkv = any(t in targets for t in ("q_proj", "k_proj", "v_proj"))
-        terms.update({"norms (input, 1/rms)": 2 * (a * h + 4), "attention input": a * h if qkv else 0,
-                      "MLP input": a * h, "MLP gate, up": 2 * a * i})
-        return terms
-    if casts_input:
-        copies = sum(a * widths[t] for t in targets)
-    else:
-        groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
-        copies = sum(a * widths[g[0]] for g in groups if any(t in targets for t in g))
-    terms.update({"norms (float32 input, 1/rms)": 2 * (4 * h + 4), "LoRA input copies": copies,
-                  "MLP gate, SiLU, up": 3 * a * i})
-    return terms
-
-
-def layer_transient_per_token(shape: ModelShape, lora: LoraConfig, act_bytes: int, path: str = "fast",
-                              casts_input: bool = True) -> float:
-    """Bytes per token live on top of a layer's saved set at its worst moment (recompute or backward).
-
-    Measured with the live-storage tracker of bench/estimate_check.py (CPU, the same autograd graph).
-    fast: the MLP's backward, where silu(gate), the recomputed product, the product's gradient
-      and the gradient arriving from above are alive:  3aI + aH.
-    peft: down_proj's LoRA cast in the (re)computed forward: the MLP product (a*I), its float32
-      cast (4I, when down_proj's input is cast) and five hidden-sized tensors (the residual, the
-      MLP input, down's base output, the gradient from above and its accumulation): a*I + 4I + 5aH;
-      PEFT's bitsandbytes layers cast nothing but clone the base output:  a*I + 6aH.
-    """
-    a, i, h = act_bytes, shape.intermediate, shape.hidden
-    if path == "fast":
-        return 3 * a * i + a * h
-    if not casts_input:
-        return a * i + 6 * a * h
-    cast = 4 * i if "down_proj" in lora.target_modules else 0
-    return a * i + cast + 5 * a * h
-
-
-def loss_bytes(shape: ModelShape, rows: int, fused: bool, act_bytes: int, dtype_bytes: int,
-               chunk_budget: int = FUSED_CE_CHUNK_BUDGET) -> float:
-    """Bytes of the LM head + loss at their worst moment (beyond the final norm's tensors).
-
-    fused (kernels.fused_linear_cross_entropy, chunked): a flattened copy of the hidden rows and
-      their gradient (2 * a * H * rows) plus one chunk of C = default_chunk_size(V) rows whose
-      logits exist in the head's dtype and in float32 together: C * V * (4 + head bytes) (fp32: 4).
-    plain (TrainStep's fallback): float32 logits, their log-softmax (saved) and, in backward, two
-      float32 gradients alive with it: 12 * V * rows.
-    rows = B * (S - 1) (every position has a target: the worst case).
-    """
-    if not fused:
-        return 12.0 * shape.vocab * rows
-    chunk = _chunk_rows(shape.vocab, chunk_budget)
-    per_elem = 4 + (dtype_bytes if dtype_bytes < 4 else 0)
-    return 2.0 * act_bytes * shape.hidden * rows + min(chunk, rows) * (shape.vocab * per_elem + act_bytes * shape.hidden)
-
-
-def _chunk_rows(vocab: int, budget: int) -> int:
-    """Same rule as kernels.fused_ce.default_chunk_size (rows of float32 logits in `budget`, multiple of 8)."""
-    rows = budget // (4 * vocab)
-    if rows >= 8:
-        rows -= rows % 8
-    return max(1, int(rows))
 
 
 # ----------------------------------------------------------------------------- the breakdown
@@ -415,8 +196,8 @@ def estimate_peak(model_config: dict[str, Any] | ModelShape, mode: str = "lora",
         batch, seq: micro-batch rows and their (padded) length; for inference, the context length.
         lora: rank and targets (default: thinktune's LoraConfig, r=16 on the seven projections).
         optimizer: adamw | adamw_8bit.
-        checkpointing: on (every layer recomputed) | off | auto: as training.prepare_model does it --
-            the PEFT path recomputes every layer; the fast path asks memory_plan.plan_memory for the
+        checkpointing: on (every layer recomputed) | off | auto: as setup.prepare_model does it --
+            the PEFT path recomputes every layer; the fast path asks memory.planner.plan_memory for the
             fewest recomputed layers that fit `budget_bytes` (default: the smallest card on which
             "on" fits, less the CUDA context).
         packing: batch*seq tokens in one padding-free row of several documents; "auto" (train.packing's
@@ -479,15 +260,12 @@ class _Step:
     path: str
 
     def planned(self, base: Breakdown, budget_bytes: float) -> Breakdown:
-        """checkpointing=auto on the fast path: the plan thinktune.memory_plan makes, estimated here."""
-        from thinktune import memory_plan
-
+        """checkpointing=auto on the fast path: the plan memory.planner makes, estimated here."""
         shape, tokens = self.shape, self.batch * self.seq
         embedding = 0 if shape.tie else shape.vocab * shape.hidden * self.a
-        plan_shape = memory_plan.ModelShape(shape.hidden, shape.intermediate, shape.kv_dim, shape.layers, shape.vocab,
-                                            base.mode == "qlora", embedding)
-        static = int(base.weights + base.adapters + 3 * base.trainable_params * 4)  # as training.memory_plan counts it
-        plan = memory_plan.plan_memory(plan_shape, tokens, static, int(budget_bytes), "auto")
+        static = int(base.weights + base.adapters + 3 * base.trainable_params * 4)  # as setup.memory_plan counts it
+        plan = plan_memory(shape, tokens, static, int(budget_bytes), "auto", quantized=base.mode == "qlora",
+                           embedding_bytes=embedding)
         out = self.peak(base, plan.checkpointed_layers, embedding if plan.cpu_embedding else 0, plan.offload_checkpoints)
         out.notes.append(f"checkpointing auto for {budget_bytes / GIB:.1f} GiB: {plan.describe().split(' (')[0]}")
         return out

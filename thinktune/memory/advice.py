@@ -1,23 +1,22 @@
-"""Pre-flight: estimates turned into answers for users.
+"""Memory advice: estimates turned into answers for users.
 
-`thinktune estimate` (the table for one model and mode, or every R1-distill size with the
-correction of the seed's claims), and, for `thinktune train`, `preflight(cfg)` (one line when
-the run cannot fit the visible GPU, with what to change) and `oom_hint(cfg)` (the
-out-of-memory message). The arithmetic is in thinktune/estimate.py; this module finds the
-model's config.json (preset, file, folder, local HF cache; offline) and chooses inputs and
-words. It never loads weights and never trains.
+`thinktune estimate` (`estimate_command`: the table for one model and mode, or every R1-distill
+size with the correction of the seed's claims), and, for `thinktune train`, `preflight(cfg)` (one
+line when the run cannot fit the visible GPU, with what to change) and `oom_hint(cfg)` (the
+out-of-memory message). The arithmetic is in memory.estimate; this module finds the model's
+config.json (preset, file, folder, local HF cache; offline) and chooses inputs and words. It
+never loads weights and never trains.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 from thinktune.config import RunConfig
 from thinktune.errors import UserError
-from thinktune.estimate import (CHECKPOINTING, CUDA_CONTEXT_BYTES, GIB, MODES, PRESET_HUB_IDS, PRESETS, Breakdown,
-                                ModelShape, estimate_peak)
+from thinktune.memory.estimate import Breakdown, estimate_peak
+from thinktune.memory.shapes import CUDA_CONTEXT_BYTES, GIB, PRESET_HUB_IDS, PRESETS, ModelShape
 
 
 # ----------------------------------------------------------------------------- model configs
@@ -241,7 +240,7 @@ def seed_table(batch: int = 2, seq: int = 2048) -> str:
     return "\n".join(lines)
 
 
-def run_estimate(args: Any) -> int:
+def estimate_command(args: Any) -> int:
     """`thinktune estimate`: the table for one model and mode, or the seed's table when no model is given."""
     from thinktune.config import load_config
 
@@ -272,22 +271,3 @@ def run_estimate(args: Any) -> int:
         print(f"thinktune estimate: {name}\n  {what}\n{est.table()}")
     return 0
 
-
-def register(subparsers: Any) -> None:
-    """Add `thinktune estimate` to the CLI."""
-    p = subparsers.add_parser("estimate", help="how much GPU memory a model/mode/batch needs (no model: the R1 table)")
-    p.add_argument("model", nargs="?", help=f"preset ({', '.join(PRESETS)}), hub id in the local cache, folder or config.json")
-    p.add_argument("--mode", choices=MODES, help="default: lora (qlora when the config loads in 4-bit)")
-    p.add_argument("--batch", type=int, help="rows per micro-batch (default: the config's, 2)")
-    p.add_argument("--seq", type=int, help="tokens per row (default: data.max_seq_length, 2048)")
-    p.add_argument("--r", type=int, help="LoRA rank (default 16)")
-    p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t], help="comma-separated LoRA targets")
-    p.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], help="default: the config's (adamw_8bit)")
-    p.add_argument("--checkpointing", choices=CHECKPOINTING, help="gradient checkpointing (default: on)")
-    p.add_argument("--packing", action=argparse.BooleanOptionalAction,
-                   help="padding-free packed rows (default: the config's, auto = packed on the fast path)")
-    p.add_argument("--fast-path", choices=["auto", "on", "off"], help="thinktune's fused path (default: auto)")
-    p.add_argument("--config", help="read model/lora/data/train from a thinktune YAML (flags override it)")
-    p.add_argument("--gpu-gib", type=float, help="memory budget for --checkpointing auto (default: smallest card that fits)")
-    p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
-    p.set_defaults(func=run_estimate)

@@ -1,0 +1,40 @@
+"""The memory plan: monotone in the budget, recomputes the first layers, goes lean only when forced."""
+from __future__ import annotations
+
+from thinktune.memory.activations import layer_bytes
+from thinktune.memory.planner import plan_memory, plan_peak
+from thinktune.memory.shapes import GIB, PRESETS, ModelShape
+
+R1_7B = ModelShape.from_config(PRESETS["r1-7b"])
+EMBEDDING = 152064 * 3584 * 2  # the 7B's untied input embedding in bf16: what lean mode moves to host memory
+STATIC_BF16 = int(14.8 * GIB)  # weights + fp32 adapters + grads + AdamW moments (measured)
+
+
+def test_big_card_recomputes_nothing_small_budget_recomputes_more():
+    assert plan_memory(R1_7B, 4096, STATIC_BF16, 139 * GIB, embedding_bytes=EMBEDDING).checkpointed_layers == 0
+    counts = [plan_memory(R1_7B, 4096, STATIC_BF16, int(b * GIB), embedding_bytes=EMBEDDING).checkpointed_layers for b in (40, 30, 24, 22, 19)]
+    assert counts == sorted(counts) and counts[0] == 0 and 0 < counts[2] < 28
+
+
+def test_plan_fits_its_budget_and_describes_itself():
+    plan = plan_memory(R1_7B, 4096, STATIC_BF16, int(22.55 * GIB), embedding_bytes=EMBEDDING)
+    assert plan.estimate_bytes <= plan.budget_bytes
+    assert "of 28 layers recomputed" in plan.describe()
+    # measured on the H200 (bench/bench_train.py, 2026-11-28): 0.45 GiB of activations per kept layer
+    assert 0.44 * GIB < layer_bytes(R1_7B, 4096) < 0.5 * GIB
+
+
+def test_explicit_settings_win_and_lean_is_last_resort():
+    assert plan_memory(R1_7B, 4096, STATIC_BF16, 139 * GIB, True, embedding_bytes=EMBEDDING).checkpointed_layers == 28
+    assert plan_memory(R1_7B, 4096, STATIC_BF16, 10 * GIB, False, embedding_bytes=EMBEDDING).checkpointed_layers == 0
+    qlora_static = int(5.8 * GIB)
+    seven = plan_memory(R1_7B, 4096, qlora_static, 7 * GIB, embedding_bytes=EMBEDDING)
+    assert seven.checkpointed_layers == 28 and seven.cpu_embedding and not seven.offload_checkpoints
+    lean = plan_memory(R1_7B, 4096, qlora_static, int(6.5 * GIB), embedding_bytes=EMBEDDING)
+    assert lean.cpu_embedding and lean.offload_checkpoints
+    hopeless = plan_memory(R1_7B, 4096, qlora_static, 2 * GIB, embedding_bytes=0)  # tied: the embedding stays
+    assert hopeless.offload_checkpoints and not hopeless.cpu_embedding and hopeless.notes
+
+
+def test_estimate_grows_with_tokens_and_kept_layers():
+    assert plan_peak(R1_7B, 8192, 0, 0) > plan_peak(R1_7B, 4096, 0, 0) > plan_peak(R1_7B, 4096, 0, 28)
