@@ -51,14 +51,29 @@ def assert_same_run(got: Path, want: Path, from_step: int = 0) -> None:
         torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
-def run_workers(jobs: list[dict[str, Any]], tmp_path: Path, nproc: int = 2) -> None:
+def run_workers(jobs: list[dict[str, Any]], tmp_path: Path, nproc: int = 2, timeout: float = 600) -> None:
     spec = tmp_path / "jobs.json"
     spec.write_text(json.dumps(jobs))
     env = {**os.environ, **NO_MULTICAST, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            __file__, str(spec)]
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    # output to files: workers that outlive a stopped launcher must not keep a pipe open
+    with open(tmp_path / "workers.out", "w+") as out_file, open(tmp_path / "workers.err", "w+") as err_file:
+        done = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out_file, stderr=err_file, text=True)
+        hung = False
+        try:
+            done.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # collectives that never meet: torchrun stops its workers on SIGTERM
+            hung = True
+            done.terminate()
+            try:
+                done.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                done.kill()
+        out, err = (Path(f.name).read_text() for f in (out_file, err_file))
+    if hung:
+        pytest.fail(f"the {nproc} ranks did not finish in {timeout:.0f} s (a collective hung)\n{err[-3000:]}")
+    assert done.returncode == 0, out[-3000:] + err[-5000:]
 
 
 def job(cfg: Any, resume: str | None = None, **train: Any) -> dict[str, Any]:
@@ -117,6 +132,55 @@ def test_two_processes_match_one_process_and_resume_across_world_sizes(tiny_qwen
     answers = generate(["What causes anemia?"], adapter=str(out["fsdp"]), max_new_tokens=4, stream=False,
                        out=lambda text: None)
     assert len(answers) == 1
+
+
+def variable_length_rows(path: Path, count: int = 16) -> Path:
+    """Arithmetic rows (not medical) whose reasoning is either one line or ~120 lines long."""
+    rows = []
+    for i in range(count):
+        steps = 120 if i % 3 == 0 else 1
+        cot = " ".join(f"Step {k}: {i} plus {k} is {i + k}." for k in range(steps))
+        rows.append({"Question": f"What is {i} plus {steps}?", "Complex_CoT": cot, "Response": f"{i + steps}."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_packed_ranks_of_unequal_row_counts_run_the_same_forwards(tiny_qwen2, tmp_path):
+    """Packing deals every rank its own examples; with strongly variable lengths one rank packs more rows
+    than the other. FSDP2 all-gathers on every forward, so the batch source must give both ranks the same
+    number of forwards (padding with rows that have no target). DDP and FSDP2 then match one process."""
+    from conftest import tiny_config
+    from thinktune.data import PromptFormat, build_examples, epoch_batches, load_samples, pack_by_tokens
+    from thinktune.model import ModelSource, load_tokenizer
+
+    data = {"path": str(variable_length_rows(tmp_path / "rows.jsonl")), "max_seq_length": 1024, "max_rows": None}
+    train = {"packing": True, "max_steps": 4, "save_steps": 0}
+    probe = tiny_config(tiny_qwen2, tmp_path / "probe", data=data)
+    tokenizer = load_tokenizer(ModelSource(str(tiny_qwen2)))
+    samples, report = load_samples(probe.data.path, probe.data)
+    examples = build_examples(samples, PromptFormat(probe.data.template, tokenizer), tokenizer, probe.data, report)
+    assert max(report.lengths) > 3 * min(report.lengths)  # the prompt template alone is ~240 tokens
+
+    def rows_per_rank(seed: int) -> list[list[int]]:
+        """Packed rows of each rank in each of the 4 steps (2 ranks x batch 2 x accumulation 2)."""
+        order = [b for epoch in range(2) for b in epoch_batches(len(examples), 2, seed, epoch)]
+        return [[len(pack_by_tokens([examples[j] for i in (step * 4 + rank, step * 4 + rank + 2) for j in order[i]],
+                                    2 * probe.data.max_seq_length)) for rank in (0, 1)] for step in range(4)]
+
+    # the precondition: a data order in which some step packs a different number of rows on the two ranks
+    seed = next(seed for seed in range(100) if any(a != b for a, b in rows_per_rank(seed)))
+    train["seed"] = seed
+    cfg = tiny_config(tiny_qwen2, tmp_path / "single", data=data, train={**train, "grad_accum": 4})
+
+    from thinktune.loop import train as run_training
+
+    run_training(cfg, log=lambda line: None)
+    out = {name: tmp_path / name for name in ("ddp", "fsdp")}
+    run_workers([job(tiny_config(tiny_qwen2, out["ddp"], data=data, train=train)),
+                 job(tiny_config(tiny_qwen2, out["fsdp"], data=data, train={**train, "distributed": "fsdp"}))],
+                tmp_path, timeout=300)
+    for name in ("ddp", "fsdp"):
+        assert_same_run(out[name], tmp_path / "single")
 
 
 def test_gpus_flag_relaunches_through_torchrun(tiny_qwen2, tmp_path, monkeypatch):

@@ -154,3 +154,55 @@ def test_thinktune_train_prints_the_fast_path_and_packs(tiny_qwen2: Path, tmp_pa
     assert path and path[0].startswith("training path: fast (") and "per-document attention" in path[0]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("kind") == "train" and r.get("tokens_per_s") for r in records)
+
+
+def run_cfg_with(fast_path: str, **lora):
+    cfg = run_cfg(fast_path)
+    for key, value in lora.items():
+        setattr(cfg.lora, key, value)
+    return cfg
+
+
+def _dropout_curve(model_dir: Path, fast_path: str, dropout: float) -> tuple[list[float], object, object]:
+    base = load_base_model(ModelConfig(name_or_path=str(model_dir), device="cpu"))
+    cfg = run_cfg_with(fast_path, dropout=dropout)
+    model, fast = prepare_model(cfg, base, CPU, log=lambda _: None)
+    opt = build_optimizer(list(adapter_parameters(model).values()), cfg, CPU, log=lambda _: None)
+    step = TrainStep(CausalLMObjective(fused=fast is not None), opt, SingleProcess(), model, CPU, None, 1.0)
+    model.train()
+    vocab = model.get_base_model().config.vocab_size
+    losses = []
+    for i in range(6):
+        exs = examples(4, vocab, seed=i % 2)
+        torch.manual_seed(100 + i)  # the same dropout masks on both paths (the same dropout calls, in order)
+        losses.append(step([collate(exs[j:j + 2], 2) for j in range(0, 4, 2)], lr=3e-3).loss)
+    return losses, model, fast
+
+
+def test_lora_dropout_runs_on_the_fast_path_and_matches_peft(tiny_qwen2: Path):
+    """Dropout on the adapter's input only, as PEFT does: same masks, same losses; and the fast path
+    really runs (the fused LoRA forward, MLPs unfused, said in the report)."""
+    from thinktune.fastpath import lora_parts
+
+    plain, _, none = _dropout_curve(tiny_qwen2, "off", 0.3)
+    fast_losses, model, fast = _dropout_curve(tiny_qwen2, "auto", 0.3)
+    no_dropout, _, _ = _dropout_curve(tiny_qwen2, "auto", 0.0)
+    assert none is None and fast is not None
+    assert fast.lora_layers == 14 and fast.mlps == 0 and "LoRA dropout" in fast.describe()
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.training and lora_parts(layer) is not None  # the kernel path, not PEFT's fallback
+    assert max(abs(a - b) / abs(b) for a, b in zip(no_dropout, plain)) > 1e-4  # dropout changes the curve
+    assert max(abs(a - b) / abs(b) for a, b in zip(fast_losses, plain)) < 1e-5
+
+
+def test_dora_is_decided_once_for_the_plain_path(tiny_qwen2: Path):
+    from thinktune.errors import UserError
+
+    lines: list[str] = []
+    base = load_base_model(ModelConfig(name_or_path=str(tiny_qwen2), device="cpu"))
+    model, fast = prepare_model(run_cfg_with("auto", use_dora=True), base, CPU, log=lines.append)
+    assert fast is None and not any(isinstance(m, FusedSwiGLU) for m in model.modules())
+    assert any("DoRA" in line and "plain path" in line for line in lines)
+    base = load_base_model(ModelConfig(name_or_path=str(tiny_qwen2), device="cpu"))
+    with pytest.raises(UserError, match="DoRA"):
+        prepare_model(run_cfg_with("on", use_dora=True), base, CPU, log=lambda _: None)

@@ -5,7 +5,8 @@ fixed function of (seed, epoch, i), so the data position is one world-size-free 
 run continues exactly. `for_step(position)` gives this rank its micro-batches of the step that
 starts at `position` (rank r takes the run's micro-batches position + r, + r + W, ...), padded as
 drawn or, with packing, the same examples packed into rows of at most batch_size x max_seq_length
-tokens. This module never runs a model and never touches an optimizer.
+tokens; every rank runs the same number of forwards per step (rows without a target fill up the
+ranks that packed fewer). This module never runs a model and never touches an optimizer.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import math
 
 import torch
 
-from thinktune.data import Example, collate, collate_packed, epoch_batches, pack_by_tokens
+from thinktune.data import IGNORE_INDEX, Example, collate, collate_packed, epoch_batches, pack_by_tokens
 
 Batch = dict[str, torch.Tensor]
 
@@ -48,8 +49,28 @@ class MicroBatches:
         return [position + rank + i * self.world_size for i in range(self.grad_accum)]
 
     def for_step(self, position: int) -> list[Batch]:
-        """This rank's micro-batches of the optimizer step that starts at micro-batch `position`."""
-        return self.step(self.rank_indices(position, self.rank))
+        """This rank's micro-batches of the optimizer step that starts at micro-batch `position`.
+
+        Every rank gets the same number: packing can turn the same number of examples into more
+        rows on one rank than on another (long and short documents), and FSDP2 gathers parameters
+        on every forward, so unequal counts would leave collectives waiting for ever. Each rank
+        packs every rank's examples of the step (a pure function of the position: no
+        communication), and the ranks with fewer rows run `padding_row`s, which have no target
+        and add nothing to the loss or the gradients.
+        """
+        batches = self.step(self.rank_indices(position, self.rank))
+        if self.pack_tokens and self.world_size > 1:
+            most = max(self.packed_rows(self.rank_indices(position, rank)) for rank in range(self.world_size))
+            batches += [self.padding_row() for _ in range(most - len(batches))]
+        return batches
+
+    def packed_rows(self, indices: list[int]) -> int:
+        """How many packed rows the examples of these micro-batches make."""
+        return len(pack_by_tokens([self.examples[j] for i in indices for j in self.indices(i)], self.pack_tokens))
+
+    def padding_row(self) -> Batch:
+        """A packed row of two pad tokens without a target: a forward and backward that change nothing."""
+        return collate_packed([Example([self.pad_id, self.pad_id], [IGNORE_INDEX, IGNORE_INDEX])], self.pad_id)
 
     def step(self, indices: list[int]) -> list[Batch]:
         """One optimizer step's micro-batches: padded as drawn, or (packing) the same examples packed."""

@@ -79,6 +79,16 @@ class LoraConfig:
         if self.loftq_bits not in (2, 4, 8):
             raise UserError(f"lora.loftq_bits must be 2, 4 or 8, got {self.loftq_bits}")
 
+    def fast_path_obstacle(self) -> str | None:
+        """Why thinktune's fused LoRA kernels cannot run these adapters (None: they can, dropout included).
+
+        Decided once from the config, so the training path, its report and its memory plan agree."""
+        if self.use_dora:
+            return "DoRA (lora.use_dora) has no fused kernel"
+        if self.bias != "none":
+            return f"trainable biases (lora.bias={self.bias}) have no fused kernel"
+        return None
+
 
 @dataclass
 class DataConfig:

@@ -7,10 +7,15 @@ save and load in the standard PEFT format):
 - LoRA projections: PEFT builds `FastLoraLinear` / `FastLoraLinear4bit` (subclasses of its
   own LoRA layers, registered through PEFT's custom-module mapping) whose forward is
   `kernels.lora_linear` (no fp32 input copy; the update fused into the base GEMM; NF4 bases
-  dequantised on the fly) and falls back to PEFT's forward for anything else (merged,
-  disabled or several adapters, DoRA, dropout, adapter_names).
+  dequantised on the fly). With LoRA dropout the base GEMM still runs there and the adapter
+  branch takes the dropped input (dropout on the adapter's input only, as PEFT does).
+  Whether the path fits the adapters is decided once, from the config
+  (`LoraConfig.fast_path_obstacle`: DoRA and trainable biases do not); PEFT's own forward
+  remains only for states training never enters (merged, disabled or several adapters,
+  adapter_names).
 - SwiGLU MLPs -> `FusedSwiGLU` (`kernels.lora_mlp`: one node, gate/up outputs kept, the
-  product recomputed); RMSNorms of known formula -> `FusedRMSNorm` (`kernels.rms_norm`).
+  product recomputed) when LoRA dropout is off (with dropout the MLP's three projections run
+  as above, one by one); RMSNorms of known formula -> `FusedRMSNorm` (`kernels.rms_norm`).
 - Attention: sdpa becomes `kernels.packed_attention` (sdpa itself unless the batch is a
   packed row, then per-document causal attention).
 - Memory: `memory.planner.plan_memory` picks how many layers to recompute (the first ones)
@@ -64,7 +69,9 @@ def base_projection(base: nn.Module, scale: float) -> Projection | None:
 
 
 def lora_parts(layer: nn.Module) -> tuple[Projection, torch.Tensor | None, torch.Tensor | None] | None:
-    """(base, A, B) when `layer` is a frozen linear with at most one plain LoRA adapter active; else None."""
+    """(base, A, B) when `layer` is a frozen linear with at most one plain LoRA adapter active; else None.
+
+    LoRA dropout does not matter here (`adapter_dropout` gives it to the caller)."""
     from peft.tuners.lora import LoraLayer
 
     if not isinstance(layer, LoraLayer):
@@ -81,9 +88,6 @@ def lora_parts(layer: nn.Module) -> tuple[Projection, torch.Tensor | None, torch
     name = active[0]
     if name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False):
         return None
-    dropout = layer.lora_dropout[name]
-    if not isinstance(dropout, nn.Identity) and dropout.training and getattr(dropout, "p", 0.0) > 0:
-        return None
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
     if getattr(lora_a, "bias", None) is not None or getattr(lora_b, "bias", None) is not None:
         return None
@@ -91,11 +95,39 @@ def lora_parts(layer: nn.Module) -> tuple[Projection, torch.Tensor | None, torch
     return None if proj is None else (proj, lora_a.weight, lora_b.weight)
 
 
+def adapter_dropout(layer: nn.Module) -> nn.Module | None:
+    """The active adapter's dropout module when it drops anything now (training, p > 0); else None."""
+    names = [name for name in getattr(layer, "active_adapters", []) if name in getattr(layer, "lora_dropout", {})]
+    if len(names) != 1:
+        return None
+    dropout = layer.lora_dropout[names[0]]
+    if isinstance(dropout, nn.Identity) or not dropout.training or getattr(dropout, "p", 0.0) <= 0:
+        return None
+    return dropout
+
+
+def lora_linear_with_dropout(x: torch.Tensor, proj: Projection, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                             dropout: nn.Module) -> torch.Tensor:
+    """x W^T + b + s (dropout(x) A^T) B^T: the base GEMM on the kernel, the adapter on the dropped input.
+
+    The adapter branch runs in the dtype the base GEMM computes in (autocast's, or x's own)."""
+    base = lora_linear(x, proj)
+    dropped = dropout(x).to(base.dtype)
+    update = F.linear(F.linear(dropped, lora_a.to(base.dtype)), lora_b.to(base.dtype))
+    return base + update * proj.scale
+
+
 def _fast_forward(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
     if args or kwargs:
         return None
     parts = lora_parts(layer)
-    return None if parts is None else lora_linear(x, *parts)
+    if parts is None:
+        return None
+    proj, lora_a, lora_b = parts
+    dropout = adapter_dropout(layer) if lora_a is not None else None
+    if dropout is not None and lora_b is not None:
+        return lora_linear_with_dropout(x, proj, lora_a, lora_b, dropout)
+    return lora_linear(x, proj, lora_a, lora_b)
 
 
 def _peft_layer_classes() -> tuple[type, type | None]:
@@ -182,8 +214,9 @@ class FusedSwiGLU(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [lora_parts(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
-        if any(p is None for p in parts):
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        parts = [lora_parts(m) for m in projections]
+        if any(p is None for p in parts) or any(adapter_dropout(m) is not None for m in projections):
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         (gate, ga, gb), (up, ua, ub), (down, da, db) = parts  # type: ignore[misc]
         return lora_mlp(x, gate, up, down, (ga, gb), (ua, ub), (da, db))
@@ -339,8 +372,10 @@ def move_embedding_to_host(model: Any, device: torch.device, outputs_require_gra
     return True
 
 
-def apply_fast_path(model: Any, memory: MemoryPlan | None, device: torch.device) -> FastPath:
-    """Swap in the fused modules and apply the memory plan; return what was done."""
+def apply_fast_path(model: Any, memory: MemoryPlan | None, device: torch.device, fused_mlp: bool = True) -> FastPath:
+    """Swap in the fused modules and apply the memory plan; return what was done.
+
+    fused_mlp=False (LoRA dropout on) keeps the MLPs as they are: their projections run one by one."""
     from peft.tuners.lora import LoraLayer
 
     base = _base_model(model)
@@ -349,10 +384,13 @@ def apply_fast_path(model: Any, memory: MemoryPlan | None, device: torch.device)
     report = FastPath()
     report.lora_layers = sum(1 for m in base.modules() if isinstance(m, fast_classes) and isinstance(m, LoraLayer))
     _swap_norms(base)
-    _swap_mlps(layers)
+    if fused_mlp:
+        _swap_mlps(layers)
     report.norms = sum(1 for m in base.modules() if isinstance(m, FusedRMSNorm))
     report.mlps = sum(1 for m in base.modules() if isinstance(m, FusedSwiGLU))
     report.packed_attention = _use_packed_attention(base)
+    if not fused_mlp:
+        report.notes.append("LoRA dropout on the adapter inputs (MLPs unfused)")
     if memory is not None:
         set_checkpointed_layers(model, memory.checkpointed_layers, reentrant=memory.offload_checkpoints)
         if memory.cpu_embedding and not move_embedding_to_host(model, device, memory.offload_checkpoints):

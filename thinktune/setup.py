@@ -66,19 +66,25 @@ def prepare_model(cfg: RunConfig, model: Any, device: torch.device, log: Callabl
     """Attach the adapters; on the fast path also swap in the fused modules and apply the memory plan.
 
     The fast path runs when train.fast_path is "on", or "auto" and `fast_path_supported` says its
-    modules are exact for this architecture. `memory_budget_bytes` (default: the GPU's memory)
+    modules are exact for this architecture and `LoraConfig.fast_path_obstacle` finds nothing in
+    the adapters' settings (decided here once: the report and the memory plan follow it). `memory_budget_bytes` (default: the GPU's memory)
     is what train.gradient_checkpointing=auto plans for.
     """
     supported, why = fast_path_supported(model)
+    obstacle = cfg.lora.fast_path_obstacle()
+    if supported and obstacle is not None:
+        supported, why = False, obstacle
     if cfg.train.fast_path == "on" and not supported:
-        raise UserError(f"train.fast_path=on, but the fast path does not fit this model: {why}; use auto or off")
+        raise UserError(f"train.fast_path=on, but the fast path does not fit this run: {why}; use auto or off")
     gc = cfg.train.gradient_checkpointing
     if cfg.train.fast_path == "off" or not supported:
+        if cfg.train.fast_path == "auto" and obstacle is not None:
+            log(f"notice: {obstacle}: the LoRA layers run PEFT's own forward (the plain path)")
         checkpointing = gc is True or (gc == "auto" and device.type == "cuda")
         return attach_lora(model, cfg.lora, cfg.train.seed, checkpointing), None
     model = attach_lora(model, cfg.lora, cfg.train.seed, False, custom_modules=lora_layer_mapping())
     plan = memory_plan(cfg, model, device, memory_budget_bytes)
-    fast = apply_fast_path(model, plan, device)
+    fast = apply_fast_path(model, plan, device, fused_mlp=cfg.lora.dropout == 0)
     # auto: where compiling was measured faster: one CUDA process, no layer recomputed
     measured = device.type == "cuda" and plan.checkpointed_layers == 0 and os.environ.get("WORLD_SIZE", "1") == "1"
     if cfg.train.compile is True or (cfg.train.compile == "auto" and measured):
@@ -104,7 +110,7 @@ def memory_plan(cfg: RunConfig, model: Any, device: torch.device, budget_bytes: 
         free, _total = torch.cuda.mem_get_info(device)
         budget_bytes = free + torch.cuda.memory_reserved(device)
     tokens = cfg.train.batch_size * cfg.data.max_seq_length
-    return plan_memory(shape, tokens, static, budget_bytes, gc, quantized, embedding_bytes)
+    return plan_memory(shape, tokens, static, budget_bytes, gc, quantized, embedding_bytes, cfg.lora)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig, device: torch.device,

@@ -38,3 +38,20 @@ def test_explicit_settings_win_and_lean_is_last_resort():
 
 def test_estimate_grows_with_tokens_and_kept_layers():
     assert plan_peak(R1_7B, 8192, 0, 0) > plan_peak(R1_7B, 4096, 0, 0) > plan_peak(R1_7B, 4096, 0, 28)
+
+
+def test_lora_dropout_is_planned_for_the_path_it_takes():
+    """Dropout keeps the dropped adapter inputs and runs the MLP unfused: the plan and the estimate count it."""
+    from thinktune.config import LoraConfig
+    from thinktune.memory.estimate import estimate_peak
+
+    dropout = LoraConfig(dropout=0.05)
+    assert layer_bytes(R1_7B, 4096, lora=dropout) > 1.3 * layer_bytes(R1_7B, 4096)
+    budget = int(30 * GIB)
+    plain = plan_memory(R1_7B, 4096, STATIC_BF16, budget, embedding_bytes=EMBEDDING)
+    dropped = plan_memory(R1_7B, 4096, STATIC_BF16, budget, embedding_bytes=EMBEDDING, lora=dropout)
+    assert dropped.checkpointed_layers > plain.checkpointed_layers
+    with_dropout = estimate_peak(PRESETS["r1-7b"], lora=dropout, checkpointing="off")
+    without = estimate_peak(PRESETS["r1-7b"], checkpointing="off")
+    assert with_dropout.path == without.path == "fast" and with_dropout.activations > without.activations
+    assert estimate_peak(PRESETS["r1-7b"], lora=LoraConfig(use_dora=True)).path == "peft"

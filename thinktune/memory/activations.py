@@ -53,6 +53,8 @@ def layer_saved_per_token(shape: ModelShape, lora: LoraConfig, act_bytes: int, s
         qkv = any(t in targets for t in ("q_proj", "k_proj", "v_proj"))
         terms.update({"norms (input, 1/rms)": 2 * (a * h + 4), "attention input": a * h if qkv else 0,
                       "MLP input": a * h, "MLP gate, up": 2 * a * i})
+        if lora.dropout > 0:
+            terms["LoRA dropout (dropped inputs, masks, unfused MLP)"] = dropout_saved_per_token(shape, lora, a)
         return terms
     if casts_input:
         copies = sum(a * widths[t] for t in targets)
@@ -111,17 +113,33 @@ def _chunk_rows(vocab: int, budget: int) -> int:
     return max(1, int(rows))
 
 
+def dropout_saved_per_token(shape: ModelShape, lora: LoraConfig, act_bytes: int) -> int:
+    """What LoRA dropout adds per token on the fast path (the estimator and the planner both add it).
+
+    Each adapted projection keeps its dropped input for A's gradient (a * in) and dropout's mask
+    (1 byte * in); the MLP runs unfused (its projections one by one), so it also keeps the SiLU
+    output and the product that enters down_proj (2 a I). in = H for q, k, v, gate, up; Q for o;
+    I for down.
+    """
+    widths = {name: fan_in for name, (fan_in, _, _) in shape.projections().items()}
+    dropped = sum((act_bytes + 1) * widths[t] for t in lora.target_modules if t in widths)
+    return dropped + 2 * act_bytes * shape.intermediate
+
+
 # ----------------------------------------------------------------------------- the runtime planner's figures (fast path)
 
-def layer_bytes(shape: ModelShape, tokens: int, dtype_bytes: int = 2) -> int:
+def layer_bytes(shape: ModelShape, tokens: int, dtype_bytes: int = 2, lora: LoraConfig | None = None) -> int:
     """Activations one decoder layer keeps for backward without recomputation (fast path).
 
     Attention: the norm's input, the projections' input, q/k/v and the attention output
     (4 H + 2 kv); MLP: the norm's input, the projections' input, gate and up outputs (2 H + 2 I).
     Measured on the 7B at 2 x 2048 (H200, bench/bench_train.py): 0.45 GiB per layer; this gives 0.46.
+    With LoRA dropout, plus `dropout_saved_per_token`.
     """
-    per_token = 6 * shape.hidden + 2 * shape.kv_dim + 2 * shape.intermediate
-    return per_token * tokens * dtype_bytes
+    per_token = (6 * shape.hidden + 2 * shape.kv_dim + 2 * shape.intermediate) * dtype_bytes
+    if lora is not None and lora.dropout > 0:
+        per_token += dropout_saved_per_token(shape, lora, dtype_bytes)
+    return per_token * tokens
 
 
 def checkpoint_bytes(shape: ModelShape, tokens: int, dtype_bytes: int = 2) -> int:
@@ -130,7 +148,7 @@ def checkpoint_bytes(shape: ModelShape, tokens: int, dtype_bytes: int = 2) -> in
 
 
 def transient_bytes(shape: ModelShape, tokens: int, any_checkpointed: bool, quantized: bool = False,
-                    dtype_bytes: int = 2) -> int:
+                    dtype_bytes: int = 2, lora: LoraConfig | None = None) -> int:
     """Short-lived peaks on top of what is kept: an MLP's backward temporaries, plus one layer's
     recompute (or, without recomputation, the loss head). Measured 0.9 GiB either way on the 7B
     at 2 x 2048; this gives 0.9 and 1.0. A 4-bit base adds one dequantised MLP weight."""
@@ -138,5 +156,5 @@ def transient_bytes(shape: ModelShape, tokens: int, any_checkpointed: bool, quan
     loss_head = CE_TRANSIENT_BYTES + shape.hidden * tokens * dtype_bytes
     mlp_backward = 3 * shape.intermediate * tokens * dtype_bytes
     dequantised = shape.intermediate * shape.hidden * dtype_bytes if quantized else 0
-    recompute = layer_bytes(shape, tokens, dtype_bytes) if any_checkpointed else loss_head
+    recompute = layer_bytes(shape, tokens, dtype_bytes, lora) if any_checkpointed else loss_head
     return flowing + mlp_backward + dequantised + recompute

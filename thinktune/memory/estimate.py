@@ -223,8 +223,8 @@ def estimate_peak(model_config: dict[str, Any] | ModelShape, mode: str = "lora",
         return _inference(shape, mode, batch, seq, a, name)
     if fused_loss is None:
         fused_loss = not shape.logit_softcap and "lm_head" not in lora.target_modules
-    # the fast modules fall back to PEFT's forward for DoRA and LoRA dropout: count those as PEFT
-    path = "fast" if fast_path != "off" and shape.fast_ok and not lora.use_dora and lora.dropout == 0 else "peft"
+    # setup.prepare_model takes the fast path only where it fits the model and the adapters
+    path = "fast" if fast_path != "off" and shape.fast_ok and lora.fast_path_obstacle() is None else "peft"
     packed = packing is True or (packing == "auto" and path == "fast")
     sizes = adapter_tensors(shape, lora)
     base = Breakdown(model=name, mode=mode, batch=batch, seq=seq, weights=weight_bytes(shape, mode, a),
@@ -265,7 +265,7 @@ class _Step:
         embedding = 0 if shape.tie else shape.vocab * shape.hidden * self.a
         static = int(base.weights + base.adapters + 3 * base.trainable_params * 4)  # as setup.memory_plan counts it
         plan = plan_memory(shape, tokens, static, int(budget_bytes), "auto", quantized=base.mode == "qlora",
-                           embedding_bytes=embedding)
+                           embedding_bytes=embedding, lora=self.lora)
         out = self.peak(base, plan.checkpointed_layers, embedding if plan.cpu_embedding else 0, plan.offload_checkpoints)
         out.notes.append(f"checkpointing auto for {budget_bytes / GIB:.1f} GiB: {plan.describe().split(' (')[0]}")
         return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from thinktune.config import LoraConfig
 from thinktune.memory.activations import checkpoint_bytes, layer_bytes, transient_bytes
 from thinktune.memory.shapes import GIB, PLAN_MARGIN_BYTES, PLAN_MARGIN_FRACTION, ModelShape
 
@@ -52,18 +53,19 @@ class MemoryPlan:
 
 
 def plan_peak(shape: ModelShape, tokens: int, static_bytes: int, checkpointed: int, cpu_embedding: bool = False,
-              offload: bool = False, quantized: bool = False, embedding_bytes: int = 0) -> int:
+              offload: bool = False, quantized: bool = False, embedding_bytes: int = 0,
+              lora: LoraConfig | None = None) -> int:
     """Peak bytes for a plan: what is already allocated + optimizer state + activations + transients."""
-    kept = (shape.layers - checkpointed) * layer_bytes(shape, tokens)
+    kept = (shape.layers - checkpointed) * layer_bytes(shape, tokens, lora=lora)
     if not offload:
         kept += checkpointed * checkpoint_bytes(shape, tokens)
     static = static_bytes - (embedding_bytes if cpu_embedding else 0)
-    return static + kept + transient_bytes(shape, tokens, checkpointed > 0, quantized)
+    return static + kept + transient_bytes(shape, tokens, checkpointed > 0, quantized, lora=lora)
 
 
 def plan_memory(shape: ModelShape, tokens: int, static_bytes: int, budget_bytes: int,
                 gradient_checkpointing: bool | str = "auto", quantized: bool = False,
-                embedding_bytes: int = 0) -> MemoryPlan:
+                embedding_bytes: int = 0, lora: LoraConfig | None = None) -> MemoryPlan:
     """Choose the plan: `True` recomputes every layer, `False` none, "auto" fits `budget_bytes`.
 
     Args:
@@ -75,13 +77,15 @@ def plan_memory(shape: ModelShape, tokens: int, static_bytes: int, budget_bytes:
         quantized: the base is 4-bit (its MLP weights are dequantised in the transient).
         embedding_bytes: bytes of the input embedding that lean mode may move to host memory
             (0 when it cannot move, e.g. tied to the LM head).
+        lora: the adapters (LoRA dropout keeps more per layer: activations.dropout_saved_per_token).
     """
     layers = shape.layers
     margin = int(PLAN_MARGIN_FRACTION * budget_bytes) + PLAN_MARGIN_BYTES
     usable = budget_bytes - margin
 
     def peak(checkpointed: int, cpu_embedding: bool = False, offload: bool = False) -> int:
-        return plan_peak(shape, tokens, static_bytes, checkpointed, cpu_embedding, offload, quantized, embedding_bytes)
+        return plan_peak(shape, tokens, static_bytes, checkpointed, cpu_embedding, offload, quantized, embedding_bytes,
+                         lora)
 
     def plan(checkpointed: int, cpu_embedding: bool = False, offload: bool = False) -> MemoryPlan:
         estimate = peak(checkpointed, cpu_embedding, offload) + margin
