@@ -5,6 +5,9 @@ Python API for notebooks:
     import thinktune
     summary = thinktune.train("configs/demo.yaml", overrides=["train.max_steps=20"])
     answers = thinktune.generate(["What causes anaemia?"], adapter="demo-output")
+
+This module only forwards to loop.train and generation.generate (imported when called, so
+`import thinktune` stays light); it holds no logic of its own.
 """
 from __future__ import annotations
 

@@ -42,17 +42,15 @@ from thinktune.config import RunConfig
 from thinktune.errors import UserError
 from thinktune.model import causal_lm_parts
 
-# NVLink multicast switches: launch() passes the caller's environment through unchanged, so
-# where these are set (shared hosts) they stay set in every worker.
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
 
 def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def launch(nproc: int, argv: list[str], cfg: RunConfig, log: Callable[[str], None] = print) -> int:
-    """Run `python -m thinktune <argv>` in `nproc` processes on this host through torchrun; its exit code."""
+    """Run `python -m thinktune <argv>` in `nproc` processes on this host through torchrun; its exit code.
+
+    The caller's environment passes through unchanged (e.g. NCCL_NVLS_ENABLE=0 on shared hosts)."""
     if nproc < 1:
         raise UserError(f"--gpus must be >= 1, got {nproc}")
     wants_cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())

@@ -7,7 +7,8 @@ tokenizer (deterministic: the same rows, truncations and drops training saw). It
 writes output_dir/report.html (images inlined as base64 data URIs, CSS inline, no
 external assets: it opens from disk without a server) and output_dir/report.md (images
 linked from plots/). `collect(output_dir)` returns the numbers both pages show.
-This module reads a run folder and writes the two pages and plots/token_lengths.png.
+This module reads a run folder and writes the two pages and plots/token_lengths.png; it never
+trains and never loads a model.
 """
 from __future__ import annotations
 
