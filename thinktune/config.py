@@ -143,10 +143,10 @@ class TrainConfig:
     """Optimizer steps to run; -1 = derived from epochs."""
     lr: float = 2e-4
     """Peak learning rate."""
-    warmup_steps: int = 5
-    """Linear warm-up steps from 0 to lr."""
+    warmup_steps: int | float = 5
+    """Linear warm-up from 0 to lr, as transformers does it (step s of w runs at lr*s/w): a step count, or a ratio below 1 of the run's steps (rounded up)."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    """Decay after warm-up."""
+    """Decay after warm-up, as transformers' get_linear/cosine/constant_schedule_with_warmup."""
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw_8bit"
     """adamw = torch AdamW; adamw_8bit = bitsandbytes 8-bit AdamW on CUDA (torch AdamW on CPU, with a notice)."""
     weight_decay: float = 0.01
@@ -187,6 +187,8 @@ class TrainConfig:
         _check_range("train.grad_accum", self.grad_accum, 1, 1_000_000)
         _check_range("train.lr", self.lr, 0.0, 10.0)
         _check_range("train.warmup_steps", self.warmup_steps, 0, 10**9)
+        if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
+            raise UserError(f"train.warmup_steps = {self.warmup_steps}: give a whole number of steps, or a ratio below 1")
         _check_range("train.weight_decay", self.weight_decay, 0.0, 10.0)
         _check_range("train.max_grad_norm", self.max_grad_norm, 0.0, 1e9)
         _check_range("train.logging_steps", self.logging_steps, 1, 10**9)
