@@ -38,6 +38,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 import torch.distributed as dist
 
+from thinktune.compat import ddp_ignore
 from thinktune.config import RunConfig
 from thinktune.errors import UserError
 from thinktune.model import causal_lm_parts
@@ -173,7 +174,7 @@ class Parallel:
         # Every process loaded the same frozen base and buffers (rotary tables): never broadcast them.
         frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
         frozen += [name for name, _ in module.named_buffers()]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+        ddp_ignore(module, frozen)
         return DistributedDataParallel(module, device_ids=[self.local_rank] if device.type == "cuda" else None,
                                        gradient_as_bucket_view=True)
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinktune.compat import attention_implementation, set_attention_implementation
 from thinktune.kernels.lora_linear import Projection, lora_linear
 from thinktune.kernels.lora_mlp import lora_mlp
 from thinktune.kernels.packed_attention import PACKED_ATTENTION, register_packed_attention
@@ -322,17 +323,12 @@ def _swap_mlps(layers: list[nn.Module]) -> None:
 
 
 def _use_packed_attention(base: Any) -> bool:
-    current = getattr(base.config, "_attn_implementation", None)
+    current = attention_implementation(base)
     if current == PACKED_ATTENTION:
         return True
     if current != "sdpa":
         return False
-    name = register_packed_attention()
-    try:
-        base.set_attn_implementation(name)
-    except Exception:  # noqa: BLE001 -- versions differ in what they check; the registry entry is what counts
-        base.config._attn_implementation = name
-    return base.config._attn_implementation == PACKED_ATTENTION
+    return set_attention_implementation(base, register_packed_attention())
 
 
 def set_checkpointed_layers(model: Any, count: int, reentrant: bool = False) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from thinktune.compat import register_custom_lora_layers
 from thinktune.config import LoraConfig
 from thinktune.errors import UserError
 
@@ -57,7 +58,7 @@ def attach_lora(model: Any, cfg: LoraConfig, seed: int, gradient_checkpointing: 
         init_lora_weights=init, loftq_config=loftq,
     )
     if custom_modules:
-        peft_cfg._register_custom_module(custom_modules)
+        register_custom_lora_layers(peft_cfg, custom_modules)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from thinktune.compat import clear_gguf_quantization
 from thinktune.config import ModelConfig
 from thinktune.errors import UserError
 
@@ -113,7 +114,7 @@ def _gguf_cache(folder: Path, file: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    _clear_gguf_mark(model)
+    clear_gguf_quantization(model)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -122,16 +123,6 @@ def _gguf_cache(folder: Path, file: str) -> Path:
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _clear_gguf_mark(model: Any) -> None:
-    """The weights are already dequantised to float; drop the GGUF quantisation marks."""
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            setattr(model, attr, None)
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:

@@ -90,10 +90,10 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     """
     lengths = kwargs.get("document_lengths")
     if lengths is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from thinktune.compat import transformers_sdpa_attention
 
         with sdpa_kernel(TRAINING_BACKENDS):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+            return transformers_sdpa_attention()(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
     out = packed_attention(query, key, value, lengths, scale=scaling, dropout=dropout)
     return out.transpose(1, 2).contiguous(), None
