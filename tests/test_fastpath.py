@@ -206,3 +206,13 @@ def test_dora_is_decided_once_for_the_plain_path(tiny_qwen2: Path):
     base = load_base_model(ModelConfig(name_or_path=str(tiny_qwen2), device="cpu"))
     with pytest.raises(UserError, match="DoRA"):
         prepare_model(run_cfg_with("on", use_dora=True), base, CPU, log=lambda _: None)
+
+
+def test_the_training_path_line_names_the_plain_path_and_why(tiny_qwen2: Path, tmp_path: Path):
+    from thinktune.loop import train
+
+    lines: list[str] = []
+    cfg = tiny_config(tiny_qwen2, tmp_path / "run", lora={"use_dora": True}, train={"max_steps": 1, "save_steps": 0})
+    train(cfg, log=lines.append)
+    path = [line for line in lines if line.startswith("training path:")]
+    assert path == [path[0]] and path[0].startswith("training path: plain (DoRA") and "fused linear" in path[0]

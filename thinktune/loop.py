@@ -32,6 +32,7 @@ from thinktune.batches import MicroBatches
 from thinktune.config import RunConfig
 from thinktune.distributed import Gathered, Parallel, init_parallel
 from thinktune.errors import TrainingStopped, UserError
+from thinktune.fastpath import fast_path_supported
 from thinktune.lora import adapter_parameters
 from thinktune.metrics import SPIKE_WINDOW, MetricsWriter, read_metrics, spike_summary
 from thinktune.model import precision_dtype
@@ -142,7 +143,11 @@ def select_objective(run: Run, parallel: Parallel, log: Callable[[str], None] = 
     """The objective train.objective names, with the fused LM head where it is exact and reachable."""
     cfg = run.cfg
     fused = False
-    if cfg.train.fast_path != "off":
+    if cfg.train.fast_path != "off" and run.fast is None:  # setup found the fast modules do not fit this run
+        fused, why = fused_loss_applies(run.model)
+        obstacle = cfg.lora.fast_path_obstacle() or fast_path_supported(run.model)[1]
+        log(f"training path: plain ({obstacle}){'; ' + why if fused else ''}")
+    elif cfg.train.fast_path != "off":
         fused, why = fused_loss_applies(run.model, run.fast)
         log(f"training path: {'fast' if fused else 'plain'} ({why})")
     else:
