@@ -73,3 +73,15 @@ def test_clear_gguf_quantization_lets_a_dequantised_model_save(tiny_qwen2: Path,
     compat.clear_gguf_quantization(model)
     model.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "model.safetensors").is_file()
+
+
+def test_activation_checkpointing_switches_on_and_off_without_deprecation(tiny_qwen2: Path):
+    import warnings
+
+    model = tiny(tiny_qwen2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        compat.enable_activation_checkpointing(model, use_reentrant=False)
+        assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        compat.disable_activation_checkpointing(model)
+    assert not any(layer.gradient_checkpointing for layer in model.model.layers)

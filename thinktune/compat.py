@@ -1,6 +1,7 @@
 """Every use of a library's private API, in one place, each with the versions it was checked on.
 
-thinktune leans on five things its libraries do not promise. Each is one small function here, with
+thinktune leans on five things its libraries do not promise (and on one public API renamed in
+transformers 5, activation checkpointing, switched here by version). Each is one small function here, with
 a test in tests/test_compat.py that fails when a new release changes it (so an upgrade breaks one
 named test, not a training run). Checked on this project's machine with torch 2.13.0, transformers
 5.24.0 and peft 0.21.2; the GPU benchmarks of 2026-11-28 ran them on torch 2.11, transformers 5.17
@@ -33,6 +34,23 @@ def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+
+
+def enable_activation_checkpointing(model: Any, use_reentrant: bool) -> None:
+    """Recompute decoder layers in backward: transformers 5.x's `activation_checkpointing_enable`, or the
+    `gradient_checkpointing_enable` it replaces (deprecated in 5.x, to be removed in v6; 4.56 has only it)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
+def disable_activation_checkpointing(model: Any) -> None:
+    """The inverse of `enable_activation_checkpointing` (same version switch)."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def attention_implementation(model: Any) -> str | None:

@@ -139,6 +139,10 @@ class PromptFormat:
             return f"{cot}\n{THINK_CLOSE}\n\n{response}"
         return f"{cot}\n{THINK_CLOSE}\n{response}\n"
 
+    def full_text(self, sample: Sample) -> str:
+        """The whole training text of a sample: prompt + completion."""
+        return self.prompt(sample.question) + self.completion(sample.cot, sample.response)
+
 
 def split_thinking(generated: str) -> tuple[str, str, bool]:
     """Split generated text (after the prompt) into (thinking, answer, closed)."""

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thinktune.compat import attention_implementation, set_attention_implementation
+from thinktune.compat import (attention_implementation, disable_activation_checkpointing,
+                              enable_activation_checkpointing, set_attention_implementation)
 from thinktune.kernels.lora_linear import Projection, lora_linear
 from thinktune.kernels.lora_mlp import lora_mlp
 from thinktune.kernels.packed_attention import PACKED_ATTENTION, register_packed_attention
@@ -337,9 +338,9 @@ def set_checkpointed_layers(model: Any, count: int, reentrant: bool = False) -> 
     layers = _decoder_layers(base)
     if count <= 0:
         if any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
-            base.gradient_checkpointing_disable()
+            disable_activation_checkpointing(base)
         return
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_activation_checkpointing(base, reentrant)
     if reentrant:  # a reentrant checkpoint computes gradients only when an input requires them
         base.enable_input_require_grads()
     for index, layer in enumerate(layers):

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from thinktune.compat import register_custom_lora_layers
+from thinktune.compat import enable_activation_checkpointing, register_custom_lora_layers
 from thinktune.config import LoraConfig
 from thinktune.errors import UserError
 
@@ -60,7 +60,7 @@ def attach_lora(model: Any, cfg: LoraConfig, seed: int, gradient_checkpointing: 
     if custom_modules:
         register_custom_lora_layers(peft_cfg, custom_modules)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
         model.enable_input_require_grads()
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, peft_cfg)
