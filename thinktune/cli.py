@@ -93,16 +93,17 @@ def report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def estimate_arguments(p: argparse.ArgumentParser) -> None:
-    presets = "r1-1.5b, r1-7b, r1-8b, r1-14b, r1-32b, r1-70b"  # memory.shapes.PRESETS (not imported: --help stays light)
-    p.add_argument("model", nargs="?", help=f"preset ({presets}), hub id in the local cache, folder or config.json")
-    p.add_argument("--mode", choices=["infer-fp16", "infer-int8", "infer-int4", "lora", "qlora", "lora-int8"],
-                   help="default: lora (qlora when the config loads in 4-bit)")
+    from thinktune.memory.estimate import CHECKPOINTING, MODES  # arithmetic only: no torch
+    from thinktune.memory.shapes import PRESETS
+
+    p.add_argument("model", nargs="?", help=f"preset ({', '.join(PRESETS)}), hub id in the local cache, folder or config.json")
+    p.add_argument("--mode", choices=MODES, help="default: lora (qlora when the config loads in 4-bit)")
     p.add_argument("--batch", type=int, help="rows per micro-batch (default: the config's, 2)")
     p.add_argument("--seq", type=int, help="tokens per row (default: data.max_seq_length, 2048)")
     p.add_argument("--r", type=int, help="LoRA rank (default 16)")
     p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t], help="comma-separated LoRA targets")
     p.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], help="default: the config's (adamw_8bit)")
-    p.add_argument("--checkpointing", choices=["on", "off", "auto"], help="gradient checkpointing (default: on)")
+    p.add_argument("--checkpointing", choices=CHECKPOINTING, help="gradient checkpointing (default: on)")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction,
                    help="padding-free packed rows (default: the config's, auto = packed on the fast path)")
     p.add_argument("--fast-path", choices=["auto", "on", "off"], help="thinktune's fused path (default: auto)")
