@@ -125,10 +125,12 @@ def test_quantised_weights_shrink_only_linear_layers():
 
 def saved_bytes(config: dict, lora: LoraConfig, amp: bool, path: str, batch: int = 2, seq: int = 32) -> tuple[int, int]:
     """(bytes autograd saves in the decoder's forward, what the formulas say) for a tiny model on a training path."""
-    cfg = config_from_dict({"model": {"device": "cpu"}, "lora": {"r": lora.r, "target_modules": lora.target_modules},
+    cfg = config_from_dict({"model": {"device": "cpu"}, "lora": {"r": lora.r, "target_modules": lora.target_modules,
+                                                                 "dropout": lora.dropout},
                             "train": {"gradient_checkpointing": False, "fast_path": "on" if path == "fast" else "off"}})
     model, _ = prepare_model(cfg, build(config, torch.bfloat16 if amp else torch.float32), torch.device("cpu"),
                              lambda msg: None)
+    model.train()  # dropout drops
     model.get_base_model().enable_input_require_grads()
     frozen = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
@@ -143,7 +145,8 @@ def saved_bytes(config: dict, lora: LoraConfig, amp: bool, path: str, batch: int
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, enabled=amp):
         model.get_base_model().get_decoder()(input_ids=ids, use_cache=False)
     shape, a, tokens = ModelShape.from_config(config), 2 if amp else 4, batch * seq
-    per_token = layer_saved_per_token(shape, lora, a, seq, False, path, casts_input=amp)
+    # on the CPU dropout multiplies by a mask in the input's dtype (CUDA's native_dropout keeps a bool one)
+    per_token = layer_saved_per_token(shape, lora, a, seq, False, path, casts_input=amp, dropout_mask_bytes=a)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     expected = (shape.layers * sum(per_token.values()) * tokens
                 + ((4 if path == "peft" else a) * shape.hidden + 4) * tokens  # the final norm's input and 1/rms
@@ -158,6 +161,14 @@ def saved_bytes(config: dict, lora: LoraConfig, amp: bool, path: str, batch: int
                                   LoraConfig(r=2, target_modules=["o_proj", "down_proj"])], ids=["all7", "qv", "o-down"])
 def test_layer_saved_bytes_equal_what_autograd_saves(lora, amp, path):
     real, formula = saved_bytes(TINY, lora, amp, path)
+    assert formula == real
+
+
+@pytest.mark.parametrize("amp", [True, False], ids=["bf16-autocast", "fp32"])
+@pytest.mark.parametrize("lora", [LoraConfig(r=4, dropout=0.1), LoraConfig(r=2, dropout=0.2, target_modules=["o_proj", "down_proj"])],
+                         ids=["all7", "o-down"])
+def test_lora_dropout_saved_bytes_on_the_fast_path_equal_what_autograd_saves(lora, amp):
+    real, formula = saved_bytes(TINY, lora, amp, "fast")
     assert formula == real
 
 

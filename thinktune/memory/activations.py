@@ -16,7 +16,8 @@ from thinktune.memory.shapes import CE_TRANSIENT_BYTES, FUSED_CE_CHUNK_BUDGET, M
 
 
 def layer_saved_per_token(shape: ModelShape, lora: LoraConfig, act_bytes: int, seq: int, padded: bool,
-                          path: str = "fast", casts_input: bool = True, packed: bool = False) -> dict[str, float]:
+                          path: str = "fast", casts_input: bool = True, packed: bool = False,
+                          dropout_mask_bytes: int = 1) -> dict[str, float]:
     """Bytes per token that one decoder layer keeps for backward (no checkpointing), by what keeps them.
 
     a = activation bytes (2 under bf16/fp16 autocast, 4 in fp32); H, Q, KV, I = hidden, query,
@@ -51,10 +52,13 @@ def layer_saved_per_token(shape: ModelShape, lora: LoraConfig, act_bytes: int, s
     }
     if path == "fast":
         qkv = any(t in targets for t in ("q_proj", "k_proj", "v_proj"))
+        # the fused MLP keeps its input; unfused (LoRA dropout), only gate/up adapters keep it
+        mlp_input = lora.dropout == 0 or any(t in targets for t in ("gate_proj", "up_proj"))
         terms.update({"norms (input, 1/rms)": 2 * (a * h + 4), "attention input": a * h if qkv else 0,
-                      "MLP input": a * h, "MLP gate, up": 2 * a * i})
+                      "MLP input": a * h if mlp_input else 0, "MLP gate, up": 2 * a * i})
         if lora.dropout > 0:
-            terms["LoRA dropout (dropped inputs, masks, unfused MLP)"] = dropout_saved_per_token(shape, lora, a)
+            terms["LoRA dropout (dropped inputs, masks, unfused MLP)"] = dropout_saved_per_token(
+                shape, lora, a, dropout_mask_bytes)
         return terms
     if casts_input:
         copies = sum(a * widths[t] for t in targets)
@@ -113,16 +117,17 @@ def _chunk_rows(vocab: int, budget: int) -> int:
     return max(1, int(rows))
 
 
-def dropout_saved_per_token(shape: ModelShape, lora: LoraConfig, act_bytes: int) -> int:
+def dropout_saved_per_token(shape: ModelShape, lora: LoraConfig, act_bytes: int, mask_bytes: int = 1) -> int:
     """What LoRA dropout adds per token on the fast path (the estimator and the planner both add it).
 
     Each adapted projection keeps its dropped input for A's gradient (a * in) and dropout's mask
-    (1 byte * in); the MLP runs unfused (its projections one by one), so it also keeps the SiLU
-    output and the product that enters down_proj (2 a I). in = H for q, k, v, gate, up; Q for o;
-    I for down.
+    (m * in: m = 1 on CUDA, where native_dropout keeps a bool mask; on the CPU dropout multiplies by a
+    mask in the input's dtype, m = a); the MLP runs unfused (its projections one by one), so it also
+    keeps the SiLU output and the product that enters down_proj (2 a I). in = H for q, k, v, gate,
+    up; Q for o; I for down. Checked against what autograd saves on the CPU (tests/memory).
     """
     widths = {name: fan_in for name, (fan_in, _, _) in shape.projections().items()}
-    dropped = sum((act_bytes + 1) * widths[t] for t in lora.target_modules if t in widths)
+    dropped = sum((act_bytes + mask_bytes) * widths[t] for t in lora.target_modules if t in widths)
     return dropped + 2 * act_bytes * shape.intermediate
 
 
