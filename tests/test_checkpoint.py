@@ -133,6 +133,7 @@ def test_output_dir_ownership(tmp_path: Path):
     with pytest.raises(UserError, match="files thinktune did not write"):
         ckpt.check_output_dir(mine, overwrite=True)
     other = tmp_path / "run"
+    ckpt.claim_output_dir(other, "old-run", overwrite=False)  # a run marks its folder before writing anything
     save(other, 1)
     (other / "metrics.jsonl").write_text("{}\n")
     (other / "notes.txt").write_text("kept")
@@ -141,3 +142,53 @@ def test_output_dir_ownership(tmp_path: Path):
     ckpt.claim_output_dir(other, "new-run", overwrite=True)  # removes only what thinktune wrote
     assert names(other) == ["notes.txt", ckpt.RUN_FILE]
     assert (other / "notes.txt").read_text() == "kept"
+
+
+MODEL_FOLDER = {"config.json": '{"model_type": "qwen2"}', "model.safetensors": "weights", "tokenizer.json": "{}",
+                "tokenizer_config.json": "{}", "special_tokens_map.json": "{}", "generation_config.json": "{}"}
+
+
+def test_overwrite_never_empties_a_folder_without_the_run_marker(tmp_path: Path):
+    model = tmp_path / "my-model"  # a model folder: file names thinktune also writes, but no thinktune_run.json
+    model.mkdir()
+    for name, text in MODEL_FOLDER.items():
+        (model / name).write_text(text)
+    (model / "checkpoint-100").mkdir()  # e.g. another trainer's checkpoint
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=f"no {ckpt.RUN_FILE}, so it is not a thinktune run"):
+            ckpt.claim_output_dir(model, "new-run", overwrite=overwrite)
+    assert names(model) == sorted([*MODEL_FOLDER, "checkpoint-100"])
+    assert all((model / name).read_text() == text for name, text in MODEL_FOLDER.items())
+
+
+def test_overwrite_deletes_only_what_the_marker_lists(tmp_path: Path):
+    run = tmp_path / "run"
+    ckpt.claim_output_dir(run, "first", overwrite=False)
+    assert json.loads((run / ckpt.RUN_FILE).read_text())["writes"] == list(ckpt.OWNED)
+    save(run, 2)
+    (run / ckpt.CONFIG_FILE).write_text("{}")
+    (run / "config.json").write_text('{"model_type": "llama"}')  # not listed by this marker: the user's
+    ckpt.claim_output_dir(run, "second", overwrite=True)
+    assert names(run) == ["config.json", ckpt.RUN_FILE]
+    old = tmp_path / "old-run"  # a marker from before markers listed files: what those runs wrote
+    old.mkdir()
+    (old / ckpt.RUN_FILE).write_text('{"run_id": "old", "started": 0}')
+    for name in ("config.json", "metrics.jsonl", "notes.txt"):
+        (old / name).write_text("{}")
+    save(old, 2)
+    ckpt.claim_output_dir(old, "new", overwrite=True)
+    assert names(old) == ["notes.txt", ckpt.RUN_FILE]
+
+
+def test_train_refuses_to_overwrite_a_model_folder(tiny_qwen2: Path, tmp_path: Path, capsys):
+    import shutil
+
+    from conftest import tiny_config
+    from thinktune.loop import train
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    with pytest.raises(UserError, match="not a thinktune run"):
+        train(tiny_config(tiny_qwen2, model, output={"overwrite": True}, train={"max_steps": 1}), log=lambda _: None)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before

@@ -3,12 +3,15 @@
 A checkpoint folder `checkpoint-N/` holds the PEFT adapter (`adapter_config.json`,
 `adapter_model.safetensors`, loadable as-is by `PeftModel.from_pretrained`), the
 tokenizer, `trainer_state.pt` (optimizer, RNG states, data position; tensors and
-plain values only, read back with `torch.load(weights_only=True)`), `config.json`
-(the run's config) and last `thinktune_checkpoint.json`. It is written into
+plain values only, read back with `torch.load(weights_only=True)`),
+`thinktune_config.json` (the run's config; runs before it was renamed wrote
+`config.json`, which is still read) and last `thinktune_checkpoint.json`. It is written into
 `.tmp-checkpoint-N-<pid>/`, every file fsynced, the marker written and fsynced last,
 then renamed into place: a checkpoint is complete or absent. Anything under the
 `.tmp-` prefix is a leftover of an interrupted save or delete, and `--resume latest`
 cleans it up. Pruning (`save_total_limit`) never deletes the newest checkpoint.
+`output.overwrite=true` deletes only what `thinktune_run.json` says thinktune wrote;
+a folder without that marker is not a run, and nothing in it is ever deleted.
 This module knows nothing of the training loop's arithmetic.
 """
 from __future__ import annotations
@@ -28,13 +31,21 @@ from thinktune.errors import UserError
 
 MARKER = "thinktune_checkpoint.json"
 RUN_FILE = "thinktune_run.json"
+CONFIG_FILE = "thinktune_config.json"
+LEGACY_CONFIG_FILE = "config.json"  # runs before the rename; never written, read only when it is a run config
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = f"{TMP_PREFIX}old-"
 OLD_RE = re.compile(r"^\.tmp-old-(checkpoint-\d+)-\d+$")
-OWNED = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "tensorboard", "config.json",
+CHECKPOINTS = "checkpoint-N"  # the entry of a marker's "writes" that stands for every checkpoint-<step> folder
+OWNED = ("adapter_config.json", "adapter_model.safetensors", "README.md", "metrics.jsonl", "tensorboard", CONFIG_FILE,
          "trainer_state.pt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-         "summary.json", "plots", "eval.json", "report.html", "report.md", RUN_FILE)
+         "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+         "summary.json", "plots", "eval.json", "report.html", "report.md", RUN_FILE, CHECKPOINTS)
+"""What thinktune writes into an output_dir; a run's marker records this list when the run starts."""
+LEGACY_OWNED = OWNED + (LEGACY_CONFIG_FILE,)
+"""For a marker written before markers listed their files (it holds only run_id and started): what those
+runs wrote, and what a newer thinktune adds when it resumes them."""
 
 
 @dataclass
@@ -240,13 +251,51 @@ def check_checkpoint_files(folder: Path) -> None:
     load_trainer_state(folder)
 
 
+def write_run_config(folder: Path, config: dict[str, Any]) -> None:
+    """Save the run's config (`RunConfig.to_dict()`) as thinktune_config.json in folder."""
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def read_run_config(folder: Path) -> dict[str, Any] | None:
+    """The run config saved in folder (a checkpoint or output_dir), or None.
+
+    Reads thinktune_config.json, else an older run's config.json, but only when that file is a
+    thinktune run config (model/data/train sections) and not a transformers model config.
+    """
+    for name in (CONFIG_FILE, LEGACY_CONFIG_FILE):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{path} is not valid JSON; restore it or pass the settings explicitly") from None
+        if isinstance(data, dict) and {"model", "data", "train"} <= set(data) and "model_type" not in data:
+            return data
+    return None
+
+
+def owned_names(output_dir: Path) -> list[str]:
+    """Names in output_dir that its thinktune_run.json says thinktune wrote; [] without a marker."""
+    marker = output_dir / RUN_FILE
+    if not marker.is_file():
+        return []
+    try:
+        written = json.loads(marker.read_text(encoding="utf-8")).get("writes", LEGACY_OWNED)
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"{marker} is unreadable, so thinktune cannot tell which files it wrote there; "
+                        f"choose another output.output_dir") from None
+    return [p.name for p in output_dir.iterdir()
+            if p.name in written or (CHECKPOINTS in written and CKPT_RE.match(p.name))]
+
+
 def check_output_dir(output_dir: Path, overwrite: bool) -> list[str]:
     """Refuse to start a new run over another run's files unless overwrite; return what overwrite would remove."""
     if not output_dir.exists():
         return []
     if not output_dir.is_dir():
         raise UserError(f"output_dir {output_dir} is a file, not a folder")
-    ours = [p.name for p in output_dir.iterdir() if p.name in OWNED or CKPT_RE.match(p.name)]
+    ours = owned_names(output_dir)
     others = [p.name for p in output_dir.iterdir() if p.name not in ours and not p.name.startswith(TMP_PREFIX)]
     if ours and not overwrite:
         raise UserError(
@@ -255,7 +304,8 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> list[str]:
         )
     if others and not ours:
         raise UserError(
-            f"output_dir {output_dir} is not empty and holds files thinktune did not write ({', '.join(sorted(others)[:3])}); "
+            f"output_dir {output_dir} is not empty and holds files thinktune did not write ({', '.join(sorted(others)[:3])}; "
+            f"no {RUN_FILE}, so it is not a thinktune run and nothing there is deleted, even with output.overwrite=true); "
             f"choose an empty or new folder"
         )
     return ours
@@ -269,4 +319,4 @@ def claim_output_dir(output_dir: Path, run_id: str, overwrite: bool) -> None:
         target = output_dir / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     clean_leftovers(output_dir)
-    atomic_write_text(output_dir / RUN_FILE, json.dumps({"run_id": run_id, "started": time.time()}))
+    atomic_write_text(output_dir / RUN_FILE, json.dumps({"run_id": run_id, "started": time.time(), "writes": list(OWNED)}))
