@@ -64,7 +64,7 @@ def run_dir(tmp_path, tiny_qwen2):
     folder.mkdir()
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in craft_metrics()))
     cfg = tiny_config(tiny_qwen2, folder, data={"eval_path": "sample:en-heldout"})
-    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (folder / "thinktune_config.json").write_text(json.dumps(cfg.to_dict()))
     load_tokenizer(ModelSource(str(tiny_qwen2))).save_pretrained(folder)  # as training leaves it
     return folder
 
@@ -160,7 +160,7 @@ def test_report_data_statistics_match_a_fresh_read(run_dir, tiny_qwen2):
     from thinktune.data import PromptFormat, build_examples, load_samples
 
     info = collect(run_dir)
-    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    cfg = config_from_dict(json.loads((run_dir / "thinktune_config.json").read_text()))
     tok = load_tokenizer(ModelSource(str(tiny_qwen2)))
     samples, rep = load_samples("sample:en", cfg.data)
     build_examples(samples, PromptFormat("seed-en", tok), tok, cfg.data, rep)
@@ -175,9 +175,9 @@ def test_report_data_statistics_match_a_fresh_read(run_dir, tiny_qwen2):
 def test_report_truncation_counts_and_cli(run_dir, capsys):
     from thinktune.cli import main
 
-    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg = json.loads((run_dir / "thinktune_config.json").read_text())
     cfg["data"]["max_seq_length"] = 450  # some sample rows are longer: they get truncated and counted
-    (run_dir / "config.json").write_text(json.dumps(cfg))
+    (run_dir / "thinktune_config.json").write_text(json.dumps(cfg))
     truncated = collect(run_dir)["data"][0]["truncated"]
     assert truncated > 0
     assert main(["report", str(run_dir), "--answers", "0"]) == 0

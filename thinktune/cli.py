@@ -20,6 +20,13 @@ from typing import Callable
 from thinktune.errors import TrainingStopped, UserError
 
 
+def trust_argument(p: argparse.ArgumentParser) -> None:
+    """The user's switch for a model's or tokenizer's own Python code (a saved config never sets it)."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with the base model or tokenizer (off: a saved config in the "
+                        "adapter folder can never switch it on)")
+
+
 def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML file or shipped config name (demo, r1-medical-zh, r1-medical-zh-qlora)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-4")
@@ -51,6 +58,7 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (R1 authors suggest 0.6 with sampling)")
     p.add_argument("--no-stream", action="store_true")
+    trust_argument(p)
 
 
 def merge_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,6 +66,7 @@ def merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--base", help="override the base model")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    trust_argument(p)
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,6 +89,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-base", action="store_true", help="skip the base column")
     p.add_argument("--loss-only", action="store_true", help="skip the generations")
     p.add_argument("--out", help="JSON file (default: OUTPUT_DIR/eval.json for a run's folder, else ./eval.json)")
+    trust_argument(p)
 
 
 def plot_arguments(p: argparse.ArgumentParser) -> None:

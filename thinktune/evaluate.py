@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from thinktune.checkpoint import read_run_config
 from thinktune.config import RunConfig, config_from_dict, load_config
 from thinktune.data import (DataReport, PromptFormat, Sample, build_examples, eos_id, load_samples, load_splits,
                             split_thinking)
@@ -91,7 +92,7 @@ def summarize_scores(scores: Sequence[FormatScore]) -> dict[str, float]:
 
 def resolve_run(config: RunConfig | str | Path | None, adapter: str | Path | None, base: str | None,
                 overrides: list[str] | None = None) -> tuple[RunConfig, Path | None]:
-    """The run's config (from CONFIG or the adapter's config.json) and the adapter folder (None: base only)."""
+    """The run's config (from CONFIG or the adapter's saved run config) and the adapter folder (None: base only)."""
     if config is not None:
         cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
         folder = Path(adapter) if adapter else Path(cfg.output.output_dir)
@@ -100,11 +101,11 @@ def resolve_run(config: RunConfig | str | Path | None, adapter: str | Path | Non
         return cfg, folder
     if adapter is not None:
         folder = Path(adapter)
-        saved = folder / "config.json"
-        if saved.is_file():
-            data = json.loads(saved.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and "data" in data:
-                return config_from_dict(data), folder
+        saved = read_run_config(folder)
+        if saved is not None:
+            cfg = config_from_dict(saved)
+            cfg.model.trust_remote_code = False  # a saved file never allows code to run; the user's flag does
+            return cfg, folder
         return RunConfig(), folder  # a foreign PEFT adapter: give --data (and --template)
     if not base:
         raise UserError("give a CONFIG, --adapter DIR, or --base MODEL")
@@ -170,13 +171,15 @@ def run_eval(config: RunConfig | str | Path | None = None, adapter: str | Path |
              data: str | None = None, n: int | None = None, max_new_tokens: int | None = None,
              template: str | None = None, batch_size: int | None = None, with_base: bool = True,
              generations: bool = True, out: str | Path | None = None, overrides: list[str] | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print, trust_remote_code: bool = False) -> dict[str, Any]:
     """Evaluate base and base + adapter on held-out questions; return (and optionally write) the results.
 
     config / adapter / base: what to evaluate (see `thinktune eval --help`); data: held-out rows
     (default: the config's eval data); n: first N rows; max_new_tokens: generation budget
     (default `auto_budget`); with_base=False skips the base column; generations=False measures
-    the loss only. The dict has "models" -> {"base", "tuned"} rows, "answers" and the settings.
+    the loss only; trust_remote_code lets the model's own code run (CONFIG's model.trust_remote_code
+    also does; an adapter folder's saved config never does). The dict has "models" -> {"base",
+    "tuned"} rows, "answers" and the settings.
     """
     import torch
 
@@ -186,7 +189,9 @@ def run_eval(config: RunConfig | str | Path | None = None, adapter: str | Path |
     cfg, folder = resolve_run(config, adapter, base, overrides)
     samples, source = heldout_samples(cfg, data)
     samples = samples[:n] if n else samples
-    model, tokenizer, model_cfg = load_with_adapter(folder, base or (cfg.model.name_or_path if folder is None else None))
+    trust = trust_remote_code or cfg.model.trust_remote_code  # the flag, or the user's own YAML (never a saved file)
+    model, tokenizer, model_cfg = load_with_adapter(folder, base or (cfg.model.name_or_path if folder is None else None),
+                                                    trust_remote_code=trust)
     fmt = PromptFormat(template or cfg.data.template, tokenizer)
     report = DataReport(source=source, rows_read=len(samples))
     examples = build_examples(samples, fmt, tokenizer, cfg.data, report)
@@ -327,7 +332,8 @@ def eval_command(args: Any) -> int:
     """`thinktune eval [CONFIG] [--adapter DIR] [--base MODEL] [--data PATH] [--n N] ...`."""
     out = args.out or default_out(args.config, args.overrides, args.adapter)
     result = run_eval(args.config, args.adapter, args.base, args.data, args.n, args.max_new_tokens, args.template,
-                      args.batch_size, not args.no_base, not args.loss_only, out, args.overrides)
+                      args.batch_size, not args.no_base, not args.loss_only, out, args.overrides,
+                      trust_remote_code=args.trust_remote_code)
     print("\n" + format_table(result))
     for line in learning_figures(result):
         print(line)

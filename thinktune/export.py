@@ -3,6 +3,9 @@
 `merge(adapter_dir, out_dir)` writes safetensors + config + tokenizer that
 `AutoModelForCausalLM.from_pretrained(out_dir)` loads and that gives the same greedy
 tokens as base + adapter. It refuses to write into a folder that holds files.
+Whether a model's or tokenizer's own Python code may run (`trust_remote_code`) is
+the caller's argument, i.e. the user's flag or YAML, never a setting read from the
+adapter folder: a downloaded folder must not be able to switch it on.
 This module never trains.
 """
 from __future__ import annotations
@@ -13,9 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from thinktune.checkpoint import check_safetensors
+from thinktune.checkpoint import check_safetensors, read_run_config
 from thinktune.config import ModelConfig, config_from_dict
 from thinktune.errors import UserError
 from thinktune.model import DTYPES, ModelSource, load_base_model, load_tokenizer, resolve_source
@@ -38,12 +39,15 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
     return folder
 
 
-def adapter_base_config(adapter_dir: Path, base: str | None = None, overrides: dict[str, Any] | None = None) -> ModelConfig:
-    """The ModelConfig the adapter was trained with (from its config.json), or from adapter_config.json."""
-    run_cfg = adapter_dir / "config.json"
-    if run_cfg.is_file():
-        data = json.loads(run_cfg.read_text(encoding="utf-8"))
-        model_cfg = config_from_dict({"model": data.get("model", {})}).model
+def adapter_base_config(adapter_dir: Path, base: str | None = None, overrides: dict[str, Any] | None = None,
+                        trust_remote_code: bool = False) -> ModelConfig:
+    """The ModelConfig the adapter was trained with (its saved run config), or from adapter_config.json.
+
+    `trust_remote_code` is the user's choice; the saved run config's value is ignored.
+    """
+    saved = read_run_config(adapter_dir)
+    if saved is not None:
+        model_cfg = config_from_dict({"model": saved.get("model", {})}).model
     else:
         peft_cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
         name = peft_cfg.get("base_model_name_or_path")
@@ -54,18 +58,25 @@ def adapter_base_config(adapter_dir: Path, base: str | None = None, overrides: d
         model_cfg.name_or_path, model_cfg.gguf_file = base, None
     for key, value in (overrides or {}).items():
         setattr(model_cfg, key, value)
+    model_cfg.trust_remote_code = trust_remote_code
     return model_cfg
 
 
 def load_with_adapter(adapter_dir: str | Path | None, base: str | None = None,
-                      overrides: dict[str, Any] | None = None) -> tuple[Any, Any, ModelConfig]:
-    """(model, tokenizer, model config): base alone, or base + adapter as a PeftModel in eval mode."""
+                      overrides: dict[str, Any] | None = None,
+                      trust_remote_code: bool = False) -> tuple[Any, Any, ModelConfig]:
+    """(model, tokenizer, model config): base alone, or base + adapter as a PeftModel in eval mode.
+
+    trust_remote_code: let the base model's and the tokenizer's own Python code run; only the
+    user sets it (`--trust-remote-code`, model.trust_remote_code in their YAML).
+    """
     if adapter_dir is None:
         if not base:
             raise UserError("give --adapter DIR or --base MODEL")
         model_cfg = ModelConfig(name_or_path=base)
         for key, value in (overrides or {}).items():
             setattr(model_cfg, key, value)
+        model_cfg.trust_remote_code = trust_remote_code
         source = resolve_source(model_cfg)
         tokenizer = load_tokenizer(source, model_cfg.trust_remote_code)
         model = load_base_model(model_cfg, source)
@@ -73,7 +84,7 @@ def load_with_adapter(adapter_dir: str | Path | None, base: str | None = None,
     from peft import PeftModel
 
     folder = check_adapter_dir(adapter_dir)
-    model_cfg = adapter_base_config(folder, base, overrides)
+    model_cfg = adapter_base_config(folder, base, overrides, trust_remote_code)
     source = resolve_source(model_cfg)
     tok_source = ModelSource(str(folder)) if (folder / "tokenizer_config.json").is_file() else source
     tokenizer = load_tokenizer(tok_source, model_cfg.trust_remote_code)
@@ -85,15 +96,24 @@ def load_with_adapter(adapter_dir: str | Path | None, base: str | None = None,
     return model.eval(), tokenizer, model_cfg
 
 
-def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", base: str | None = None) -> Path:
-    """Merge the adapter into a full-precision copy of its base and save it in `dtype` (16-bit by default)."""
+MERGE_LOAD = {"load_in_4bit": False, "load_in_8bit": False, "dtype": "fp32", "device": "cpu"}
+"""How merge loads the base: full precision on the host, whatever the machine has (see `merge`)."""
+
+
+def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", base: str | None = None,
+          trust_remote_code: bool = False) -> Path:
+    """Merge the adapter into an fp32 copy of its base, then save the result in `dtype` (bf16 by default).
+
+    W + scale * B @ A is computed in fp32 and rounded to `dtype` once, on the host, so the merged
+    weights are the same on a GPU machine and a CPU one (host memory: 4 bytes per base parameter,
+    about 30 GB for a 7B model). A QLoRA adapter is merged into the unquantised base.
+    """
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose a new folder (nothing was written)")
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
-    overrides = {"load_in_4bit": False, "load_in_8bit": False, "dtype": "fp32" if not torch.cuda.is_available() else dtype}
-    model, tokenizer, _ = load_with_adapter(adapter_dir, base, overrides)
+    model, tokenizer, _ = load_with_adapter(adapter_dir, base, MERGE_LOAD, trust_remote_code)
     merged = model.merge_and_unload()
     merged = merged.to(DTYPES[dtype])
     merged.config.use_cache = True
@@ -109,6 +129,6 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", bas
 
 def merge_command(args: Any) -> int:
     """`thinktune merge --adapter DIR --out DIR [--dtype bf16|fp16|fp32] [--base MODEL]`."""
-    out = merge(args.adapter, args.out, dtype=args.dtype, base=args.base)
+    out = merge(args.adapter, args.out, dtype=args.dtype, base=args.base, trust_remote_code=args.trust_remote_code)
     print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained('{out}'))")
     return 0

@@ -1,7 +1,7 @@
 """Generate: answer questions with base or base + adapter, thinking and answer apart.
 
 The prompt is built by the same `PromptFormat` that trained the adapter (read from
-the adapter's config.json), so the inference prompt is the training prefix ending
+the adapter's saved run config), so the inference prompt is the training prefix ending
 in '<think>\\n'. Output is split at '</think>' into thinking and answer.
 This module never trains and never writes into an adapter folder.
 """
@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from thinktune.checkpoint import read_run_config
 from thinktune.data import PromptFormat, eos_id, split_thinking
 from thinktune.errors import UserError
 from thinktune.export import load_with_adapter
@@ -38,8 +39,9 @@ class Answer:
 def template_of(adapter_dir: str | Path | None, template: str | None) -> str:
     if template:
         return template
-    if adapter_dir and (Path(adapter_dir) / "config.json").is_file():
-        return json.loads((Path(adapter_dir) / "config.json").read_text(encoding="utf-8"))["data"]["template"]
+    saved = read_run_config(Path(adapter_dir)) if adapter_dir else None
+    if saved is not None:
+        return saved["data"].get("template", "seed-zh")
     return "seed-zh"
 
 
@@ -159,9 +161,12 @@ def side_by_side(left: str, right: str, titles: tuple[str, str] = ("BASE", "TUNE
 
 def generate(questions: Iterable[str], adapter: str | None = None, base: str | None = None, template: str | None = None,
              max_new_tokens: int = 512, temperature: float = 0.0, compare: bool = False, stream: bool = True,
-             out: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Answer each question; with compare=True also with the adapter switched off. Returns dicts."""
-    model, tokenizer, _ = load_with_adapter(adapter, base)
+             out: Callable[[str], None] = print, trust_remote_code: bool = False) -> list[dict[str, Any]]:
+    """Answer each question; with compare=True also with the adapter switched off. Returns dicts.
+
+    trust_remote_code: the user's permission for the model's own code (never read from the adapter folder).
+    """
+    model, tokenizer, _ = load_with_adapter(adapter, base, trust_remote_code=trust_remote_code)
     fmt = PromptFormat(template_of(adapter, template), tokenizer)
     results = []
     for question in questions:
@@ -196,7 +201,7 @@ def generate_command(args: Any) -> int:
         raise UserError('give a question ("...") or --file questions.jsonl')
     results = generate(questions, adapter=args.adapter, base=args.base, template=args.template,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, compare=args.compare,
-                       stream=not args.no_stream)
+                       stream=not args.no_stream, trust_remote_code=args.trust_remote_code)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
         print(f"wrote {len(results)} answers to {args.out}")

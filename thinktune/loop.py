@@ -35,7 +35,7 @@ from thinktune.errors import TrainingStopped, UserError
 from thinktune.fastpath import fast_path_supported
 from thinktune.lora import adapter_parameters
 from thinktune.metrics import SPIKE_WINDOW, MetricsWriter, read_metrics, spike_summary
-from thinktune.model import precision_dtype
+from thinktune.model import base_model_id, precision_dtype
 from thinktune.objective import Objective, build_objective, fused_loss_applies, heldout_loss
 from thinktune.offload import PinnedOffload
 from thinktune.memory.advice import oom_hint, preflight
@@ -92,7 +92,7 @@ def check_compatible(folder: Path, cfg: RunConfig) -> None:
     adapter_cfg = folder / "adapter_config.json"
     if not adapter_cfg.is_file():
         raise UserError(f"{folder}: no adapter_config.json; not a LoRA checkpoint")
-    saved = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
+    saved = ckpt.read_run_config(folder) or {}
     old_model = saved.get("model", {}).get("name_or_path")
     if old_model and old_model != cfg.model.name_or_path:
         raise UserError(f"{folder} was trained on base model {old_model}, but the config asks for {cfg.model.name_or_path}")
@@ -107,10 +107,9 @@ def check_compatible(folder: Path, cfg: RunConfig) -> None:
 
 def notice_changed_settings(folder: Path, cfg: RunConfig, log: Callable[[str], None]) -> None:
     """Say which data/train settings differ from the checkpoint's (resuming then is not an exact continuation)."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
+    saved = ckpt.read_run_config(folder)
+    if saved is None:
         return
-    saved = json.loads(config_file.read_text(encoding="utf-8"))
     now = cfg.to_dict()
     changed = [f"{section}.{key} {saved[section][key]!r} -> {value!r}"
                for section in ("data", "train") for key, value in now[section].items()
@@ -217,9 +216,9 @@ class Trainer:
             self.run.model.save_pretrained(str(folder), safe_serialization=True, state_dict=self.gathered.adapter)
             self.run.tokenizer.save_pretrained(str(folder))
             torch.save(self.trainer_state(), folder / "trainer_state.pt")
-            (folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2), encoding="utf-8")
+            ckpt.write_run_config(folder, self.cfg.to_dict())
 
-        path = ckpt.write_checkpoint(self.output_dir, step, write_files, {"base_model": self.run.source.path})
+        path = ckpt.write_checkpoint(self.output_dir, step, write_files, {"base_model": base_model_id(self.cfg.model)})
         self.saved_step = step
         self.log(f"checkpoint saved: {path}")
         ckpt.prune_checkpoints(self.output_dir, self.cfg.train.save_total_limit,
@@ -436,7 +435,7 @@ class Trainer:
         tmp.mkdir()
         self.run.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=self.gathered.adapter)
         self.run.tokenizer.save_pretrained(str(tmp))
-        (tmp / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2), encoding="utf-8")
+        ckpt.write_run_config(tmp, self.cfg.to_dict())
         ckpt.fsync_tree(tmp)
         for item in tmp.iterdir():
             target = self.output_dir / item.name

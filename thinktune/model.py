@@ -99,6 +99,21 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     return ModelSource(name)
 
 
+def base_model_id(cfg: ModelConfig) -> str:
+    """The base's name as the user gave it, which `resolve_source` turns back into weights on any machine.
+
+    Recorded as the adapter's `base_model_name_or_path`: 'embedded:smollm2', a hub id, a folder,
+    or the .gguf file (a GGUF named by folder + model.gguf_file becomes folder/file.gguf); never
+    the machine-local conversion cache.
+    """
+    name = cfg.name_or_path
+    if name in EMBEDDED:
+        return name
+    if cfg.gguf_file and not name.endswith(".gguf"):
+        return str(Path(name).expanduser() / cfg.gguf_file)
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
 def _gguf_cache(folder: Path, file: str) -> Path:
     """Convert folder/file (GGUF) once into a safetensors folder; return that folder."""
     gguf_path = folder / file
@@ -125,12 +140,23 @@ def _gguf_cache(folder: Path, file: str) -> Path:
     return target
 
 
+TRUST_ADVICE = ("thinktune runs such code only when you allow it: --trust-remote-code, or model.trust_remote_code=true "
+                "in your YAML (a setting saved in a model or adapter folder never does); only allow code you have read")
+
+
+def asks_for_remote_code(exc: BaseException) -> bool:
+    """transformers refused to load because the files need their own code and trust_remote_code was off."""
+    return "trust_remote_code" in str(exc)
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        if asks_for_remote_code(exc):
+            raise UserError(f"the tokenizer in {source.path} needs its own Python code to load; {TRUST_ADVICE}") from None
         raise UserError(f"could not load a tokenizer from {source.path}: {str(exc).splitlines()[0][:200]}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer in {source.path} has no EOS token, so a tuned model would never stop; "
@@ -181,9 +207,12 @@ def load_base_model(cfg: ModelConfig, source: ModelSource | None = None) -> Any:
                             f"file can run code): convert them, e.g. save_pretrained(..., safe_serialization=True)") from None
         raise UserError(f"could not load model {source.path}: {str(exc).splitlines()[0][:300]}") from None
     except ValueError as exc:
+        if asks_for_remote_code(exc):
+            raise UserError(f"model {source.path} needs its own Python code to load; {TRUST_ADVICE}") from None
         raise UserError(f"could not load model {source.path}: {str(exc).splitlines()[0][:300]}") from None
     if quant is None:
         model.to(device)
+    model.name_or_path = base_model_id(cfg)  # what PEFT records as the adapter's base_model_name_or_path
     model.config.use_cache = False
     for param in model.parameters():
         param.requires_grad_(False)

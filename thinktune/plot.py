@@ -10,13 +10,13 @@ no global backend switch. This module reads metrics and writes PNGs, nothing els
 """
 from __future__ import annotations
 
-import json
 import statistics
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from thinktune.checkpoint import read_run_config
 from thinktune.errors import UserError
 from thinktune.metrics import METRICS_FILE, read_metrics, spike_summary
 
@@ -189,10 +189,8 @@ def figures(s: Series, spike_factor: float | None = None) -> dict[str, Any]:
 
 
 def spike_factor_of(output_dir: Path) -> float | None:
-    saved = output_dir / "config.json"
-    if saved.is_file():
-        return json.loads(saved.read_text(encoding="utf-8")).get("train", {}).get("spike_factor")
-    return None
+    saved = read_run_config(output_dir)
+    return saved.get("train", {}).get("spike_factor") if saved else None
 
 
 def plot_run(output_dir: str | Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """Report: one self-contained HTML page (and a Markdown twin) that says whether a run worked.
 
-`build_report(output_dir)` gathers what a run left behind — config.json, metrics.jsonl,
+`build_report(output_dir)` gathers what a run left behind — thinktune_config.json, metrics.jsonl,
 summary.json, eval.json (from `thinktune eval`), plots/ (drawn if missing) — and the
 data statistics, recomputed by re-reading the run's data with its config and
 tokenizer (deterministic: the same rows, truncations and drops training saw). It
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from thinktune.checkpoint import read_run_config
 from thinktune.errors import UserError
 from thinktune.evaluate import EVAL_FILE, learning_figures, read_eval, table_rows
 from thinktune.metrics import METRICS_FILE, read_metrics
@@ -42,7 +42,7 @@ def data_statistics(cfg: Any, output_dir: Path) -> tuple[list[dict[str, Any]], s
 
     try:
         source = ModelSource(str(output_dir)) if (output_dir / "tokenizer_config.json").is_file() else resolve_source(cfg.model)
-        tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(source)  # never trust_remote_code from a saved config
         fmt = PromptFormat(cfg.data.template, tokenizer)
         splits = load_splits(cfg.data, cfg.train.seed)
         pairs = [(splits.train, splits.train_report)]
@@ -85,8 +85,7 @@ def collect(output_dir: str | Path, answers: int = 3, with_data: bool = True) ->
     records = read_metrics(folder)
     if not records:
         raise UserError(f"{folder / METRICS_FILE} not found or empty: is {folder} a run's output_dir?")
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    config = read_run_config(folder) or {}
     cfg = config_from_dict(config) if config else None
     s = series(records)
     plots = plot_run(folder)
@@ -108,7 +107,7 @@ def collect(output_dir: str | Path, answers: int = 3, with_data: bool = True) ->
     spike_factor = config.get("train", {}).get("spike_factor")
     spikes = spike_caption(s, spike_factor) or (f"grad-norm spikes so far: {len(s.spike_steps)} "
                                                 f"(the run has not finished; no summary yet)")
-    data_stats, data_note = data_statistics(cfg, folder) if cfg and with_data else ([], "no config.json" if not cfg else None)
+    data_stats, data_note = data_statistics(cfg, folder) if cfg and with_data else ([], "no thinktune_config.json" if not cfg else None)
     if data_stats:
         fig = histogram_figure(data_stats, cfg.data.max_seq_length)
         fig.savefig(folder / PLOTS_DIR / HISTOGRAM)
