@@ -38,17 +38,44 @@ def test_checkpoint_loads_with_plain_peft(trained: Path, tiny_llama: Path):
     assert (trained / "adapter_model.safetensors").is_file() and (trained / "adapter_config.json").is_file()
 
 
-def test_merge_gives_the_same_greedy_tokens(trained: Path, tmp_path: Path):
+# max |logit difference| merged vs base + adapter (logits here are within +-1; measured: 1.5e-7 fp32, 3.1e-3 bf16)
+MERGE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
+
+
+def test_merge_matches_the_tuned_model_not_the_base(trained: Path, tmp_path: Path):
     tuned, tokenizer, _ = load_with_adapter(trained)
+    ids = tokenizer("### Question:\nWhat is sepsis?\n### Response:\n<think>", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        tuned_logits = tuned(input_ids=ids).logits
+        with tuned.disable_adapter():
+            base_logits = tuned(input_ids=ids).logits
+    # the adapter matters by far more than any tolerance below: a merge that dropped it would fail
+    assert (tuned_logits - base_logits).abs().max() > 5 * max(MERGE_ATOL.values())
     out = merge(trained, tmp_path / "merged", dtype="fp32")
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, tuned_logits, rtol=0, atol=MERGE_ATOL[torch.float32])
     assert greedy(merged, tokenizer) == greedy(tuned, tokenizer)
     half = merge(trained, tmp_path / "merged16", dtype="bf16")
-    assert AutoModelForCausalLM.from_pretrained(half).dtype == torch.bfloat16
-    assert (half / "tokenizer_config.json").is_file()
+    model16 = AutoModelForCausalLM.from_pretrained(half)
+    assert model16.dtype == torch.bfloat16 and (half / "tokenizer_config.json").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(model16(input_ids=ids).logits.float(), tuned_logits, rtol=0,
+                                   atol=MERGE_ATOL[torch.bfloat16])
     with pytest.raises(UserError, match="not empty"):
         merge(trained, tmp_path / "merged")
+
+
+def test_merge_is_done_in_fp32_then_cast(trained: Path, tmp_path: Path):
+    """bf16 output == the fp32 merge rounded once, on any machine (a merge in bf16 rounds twice)."""
+    from safetensors.torch import load_file
+
+    full = load_file(str(merge(trained, tmp_path / "fp32", dtype="fp32") / "model.safetensors"))
+    half = load_file(str(merge(trained, tmp_path / "bf16", dtype="bf16") / "model.safetensors"))
+    assert full.keys() == half.keys()
+    differ = [k for k in full if not torch.equal(half[k], full[k].to(torch.bfloat16))]
+    assert not differ, f"{len(differ)} tensors differ from the fp32 merge cast to bf16, e.g. {differ[0]}"
 
 
 def test_answer_splits_thinking_and_answer(trained: Path):
