@@ -121,3 +121,26 @@ def test_old_runs_still_resume_and_load(run: Path, tiny_qwen2: Path, tmp_path: P
 
 def test_a_model_config_json_is_not_a_run_config(tiny_qwen2: Path):
     assert ckpt.read_run_config(tiny_qwen2) is None  # transformers' config.json (model_type ...) is never taken for ours
+
+
+@pytest.mark.slow
+def test_embedded_adapter_names_a_base_any_machine_can_resolve(tmp_path: Path, monkeypatch):
+    """SmolLM2 comes from a GGUF converted into a machine-local cache; the adapter names embedded:smollm2."""
+    from thinktune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "demo", f"output.output_dir={out}", "train.max_steps=1", "train.save_steps=1",
+                 "train.eval_steps=0", "data.max_rows=4", "train.batch_size=2"]) == 0
+    for folder in (out, out / "checkpoint-1"):
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded:smollm2"
+    assert json.loads((out / "checkpoint-1" / ckpt.MARKER).read_text())["base_model"] == "embedded:smollm2"
+    shared = tmp_path / "shared"  # the PEFT files alone, on a machine with an empty thinktune cache
+    shared.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(out / name, shared / name)
+    monkeypatch.setenv("THINKTUNE_CACHE", str(tmp_path / "another-machine-cache"))
+    model, tokenizer, model_cfg = load_with_adapter(shared)
+    assert model_cfg.name_or_path == "embedded:smollm2" and (tmp_path / "another-machine-cache" / "gguf").is_dir()
+    ids = tokenizer("What is sepsis?", return_tensors="pt")["input_ids"]
+    original, _, _ = load_with_adapter(out)
+    torch.testing.assert_close(logits(model, ids), logits(original, ids), rtol=0, atol=0)

@@ -87,3 +87,16 @@ def test_embedded_gguf_converts_once_and_saves(tmp_path: Path, monkeypatch):
     model = load_base_model(ModelConfig(name_or_path="embedded:smollm2", device="cpu"))
     assert model.config.model_type == "llama" and not getattr(model, "is_quantized", False)
     model.save_pretrained(tmp_path / "copy")  # would refuse while marked GGUF-quantised
+
+
+def test_base_model_id_is_what_the_user_gave_never_the_cache(tmp_path: Path, tiny_qwen2: Path):
+    from thinktune.model import base_model_id
+
+    assert base_model_id(ModelConfig(name_or_path="embedded:smollm2")) == "embedded:smollm2"
+    assert base_model_id(ModelConfig(name_or_path="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")) == \
+        "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+    assert base_model_id(ModelConfig(name_or_path=str(tiny_qwen2))) == str(tiny_qwen2)
+    assert base_model_id(ModelConfig(name_or_path=str(tmp_path / "m.gguf"))) == str(tmp_path / "m.gguf")
+    assert base_model_id(ModelConfig(name_or_path=str(tmp_path), gguf_file="m.gguf")) == str(tmp_path / "m.gguf")
+    model = load_base_model(ModelConfig(name_or_path=str(tiny_qwen2), device="cpu"))
+    assert attach_lora(model, LoraConfig(r=2), 0, False).peft_config["default"].base_model_name_or_path == str(tiny_qwen2)
