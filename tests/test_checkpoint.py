@@ -120,7 +120,7 @@ def test_trainer_state_never_unpickles_code(tmp_path: Path):
             return (print, ("pickled code ran",))
 
     (folder / "trainer_state.pt").write_bytes(pickle.dumps({"loop": Evil()}))
-    with pytest.raises(UserError, match="corrupt or not a thinktune trainer state"):
+    with pytest.raises(UserError, match="corrupt or not a file torch.save wrote"):
         ckpt.load_trainer_state(folder)
     with pytest.raises(UserError, match="corrupt or truncated"):
         ckpt.check_checkpoint_files(folder)  # the fake safetensors file fails first

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from thinktune.errors import UserError
+from thinktune.load_errors import torch_load_failure
 
 MARKER = "thinktune_checkpoint.json"
 RUN_FILE = "thinktune_run.json"
@@ -94,7 +95,7 @@ def write_checkpoint(output_dir: Path, step: int, write_files: Callable[[Path], 
     tmp.mkdir(parents=True)
     write_files(tmp)
     fsync_tree(tmp)
-    marker = {"step": step, "time": time.time(), **meta}
+    marker = {"step": step, "time": time.time(), "torch": torch.__version__, **meta}
     with open(tmp / MARKER, "w", encoding="utf-8") as fh:
         fh.write(json.dumps(marker, indent=2))
         fh.flush()
@@ -223,11 +224,19 @@ def prune_checkpoints(output_dir: Path, keep: int | None, protect: set[Path] | N
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:
     """The trainer state (tensors and plain values only: `weights_only=True` never runs pickled code)."""
+    path = folder / "trainer_state.pt"
     try:
-        return torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-    except Exception:
-        raise UserError(f"{folder}/trainer_state.pt is corrupt or not a thinktune trainer state; resume from "
-                        f"another checkpoint") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types; torch_load_failure says which case this is
+        raise UserError(f"{torch_load_failure(exc, path, _written_with(folder))}; resume from another checkpoint") from None
+
+
+def _written_with(folder: Path) -> str | None:
+    """The torch version recorded in the checkpoint's marker (None: not recorded or unreadable)."""
+    try:
+        return json.loads((folder / MARKER).read_text(encoding="utf-8")).get("torch")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_safetensors(weights: Path, advice: str) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from thinktune.config import DataConfig
 from thinktune.errors import UserError, did_you_mean
+from thinktune.load_errors import hub_failure
 
 IGNORE_INDEX = -100
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
@@ -225,11 +226,9 @@ def _load_table(path: str, subset: str | None, split: str) -> Any:
         return datasets.load_dataset(path, subset, split=split)
     except ValueError as exc:
         raise UserError(f"data set {path} (subset {subset}, split {split}): {str(exc).splitlines()[0][:300]}") from None
-    except Exception as exc:
-        raise UserError(
-            f"could not load data set '{path}' from the hub ({type(exc).__name__}); offline? "
-            f"point data.path at a local .jsonl/.csv/.parquet file or folder"
-        ) from None
+    except Exception as exc:  # the hub client's and datasets' many error types: hub_failure tells them apart
+        raise UserError(f"{hub_failure(exc, repr(path))} (data.path; a local .jsonl/.csv/.parquet file or folder "
+                        f"needs no Hub)") from None
 
 
 def load_samples(path: str, cfg: DataConfig, split: str | None = None) -> tuple[list[Sample], DataReport]:
