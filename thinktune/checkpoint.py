@@ -325,6 +325,8 @@ def claim_output_dir(output_dir: Path, run_id: str, overwrite: bool) -> None:
     ours = check_output_dir(output_dir, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in ours:
+        if name == RUN_FILE:  # replaced last, atomically: a kill mid-way leaves the old list covering what is left
+            continue
         target = output_dir / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     clean_leftovers(output_dir)
