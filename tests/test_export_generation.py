@@ -38,8 +38,9 @@ def test_checkpoint_loads_with_plain_peft(trained: Path, tiny_llama: Path):
     assert (trained / "adapter_model.safetensors").is_file() and (trained / "adapter_config.json").is_file()
 
 
-# max |logit difference| merged vs base + adapter (logits here are within +-1; measured: 1.5e-7 fp32, 3.1e-3 bf16)
-MERGE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
+# max |logit difference| merged vs base + adapter (logits here are within +-1; measured: 1.5e-7 fp32, 3.1e-3 bf16,
+# about bf16's resolution 2^-8 times the logit scale)
+MERGE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 def test_merge_matches_the_tuned_model_not_the_base(trained: Path, tmp_path: Path):
