@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from thinktune.config import DataConfig
+from thinktune.config import DataConfig, load_config
 from thinktune.data import (IGNORE_INDEX, SEED_ZH_TRAIN, DataReport, PromptFormat, Sample, build_examples, carve_eval,
                             collate, collate_packed, epoch_batches, length_histogram, load_samples, render_loss_span,
                             split_thinking, tokenize_sample)
@@ -137,14 +137,19 @@ def test_local_formats_and_column_mapping(tmp_path: Path, suffix: str):
         load_samples(str(path), DataConfig(question_column="q", cot_column="think", response_column="ans", strict=True))
 
 
-def test_missing_columns_lists_found_and_suggests(tmp_path: Path):
+def test_missing_columns_lists_found_and_suggests_a_mapping_that_loads(tmp_path: Path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"question": "q", "Complex_CoT": "c", "Response": "r"}) + "\n")
+    path.write_text(json.dumps({"q_text": "q", "steps": "c", "final": "r"}) + "\n")
     with pytest.raises(UserError) as info:
         load_samples(str(path), DataConfig())
     message = str(info.value)
-    assert "missing column(s) Question" in message and "columns found: question, Complex_CoT, Response" in message
-    assert "data.question_column=question" in message
+    assert "missing column(s) Question, Complex_CoT, Response" in message
+    assert "columns found: q_text, steps, final" in message
+    overrides = message.split("map them with ")[1].split(" (or")[0].split()
+    assert overrides == ["data.question_column=q_text", "data.cot_column=steps", "data.response_column=final"]
+    cfg = load_config(None, overrides).data
+    samples, _ = load_samples(str(path), cfg)  # the suggestion works as written
+    assert len(samples) == 1
 
 
 def test_batches_are_a_fixed_permutation():

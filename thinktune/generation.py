@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from thinktune.data import PromptFormat, eos_id, split_thinking
+from thinktune.data import PromptFormat, Sample, encode_prompt, eos_id, split_thinking
 from thinktune.errors import UserError
 from thinktune.export import load_with_adapter
 
@@ -41,6 +41,19 @@ def template_of(adapter_dir: str | Path | None, template: str | None) -> str:
     if adapter_dir and (Path(adapter_dir) / "config.json").is_file():
         return json.loads((Path(adapter_dir) / "config.json").read_text(encoding="utf-8"))["data"]["template"]
     return "seed-zh"
+
+
+def prompt_format(adapter_dir: str | Path | None, template: str | None, tokenizer: Any) -> PromptFormat:
+    """The adapter's training prompt format: its template (unless overridden), instruction and history switch."""
+    data: dict[str, Any] = {}
+    if adapter_dir and (Path(adapter_dir) / "config.json").is_file():
+        data = json.loads((Path(adapter_dir) / "config.json").read_text(encoding="utf-8")).get("data", {})
+    return PromptFormat(template_of(adapter_dir, template), tokenizer, data.get("instruction"),
+                        data.get("history_thinking", "drop"))
+
+
+def _prompt(fmt: PromptFormat, question: str | Sample) -> str:
+    return fmt.prompt(question) if isinstance(question, str) else fmt.sample_prompt(question)
 
 
 class _Printer:
@@ -81,7 +94,7 @@ def _to_answer(question: str, new_ids: list[int], tokenizer: Any) -> Answer:
 def answer(model: Any, tokenizer: Any, fmt: PromptFormat, question: str, max_new_tokens: int = 512,
            temperature: float = 0.0, top_p: float = 0.95, on_text: Callable[[str], None] | None = None) -> Answer:
     """Generate one answer (greedy when temperature is 0), streaming text pieces to on_text."""
-    inputs = tokenizer(fmt.prompt(question), return_tensors="pt").to(model.device)
+    inputs = encode_prompt(tokenizer, fmt.prompt(question), return_tensors="pt").to(model.device)
     kwargs = _generation_kwargs(tokenizer, max_new_tokens, temperature, top_p)
     if on_text is not None:
         kwargs["streamer"] = _Printer(tokenizer, on_text).streamer
@@ -90,20 +103,22 @@ def answer(model: Any, tokenizer: Any, fmt: PromptFormat, question: str, max_new
 
 
 @torch.no_grad()
-def answer_batch(model: Any, tokenizer: Any, fmt: PromptFormat, questions: list[str], max_new_tokens: int = 512,
+def answer_batch(model: Any, tokenizer: Any, fmt: PromptFormat, questions: list[str] | list[Sample], max_new_tokens: int = 512,
                  temperature: float = 0.0, top_p: float = 0.95, batch_size: int = 8) -> list[Answer]:
     """Answer several questions, `batch_size` at a time (left-padded prompts; same tokens as one by one, up to
-    floating-point ties)."""
+    floating-point ties). A Sample is prompted with its system message and earlier turns."""
     answers: list[Answer] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         for i in range(0, len(questions), batch_size):
             chunk = questions[i: i + batch_size]
-            inputs = tokenizer([fmt.prompt(q) for q in chunk], return_tensors="pt", padding=True).to(model.device)
+            prompts = [_prompt(fmt, q) for q in chunk]
+            inputs = encode_prompt(tokenizer, prompts, return_tensors="pt", padding=True).to(model.device)
             output = model.generate(**inputs, **_generation_kwargs(tokenizer, max_new_tokens, temperature, top_p))
             width = inputs["input_ids"].shape[1]
-            answers += [_to_answer(q, output[row, width:].tolist(), tokenizer) for row, q in enumerate(chunk)]
+            answers += [_to_answer(q if isinstance(q, str) else q.question, output[row, width:].tolist(), tokenizer)
+                        for row, q in enumerate(chunk)]
     finally:
         tokenizer.padding_side = side
     return answers
@@ -162,7 +177,7 @@ def generate(questions: Iterable[str], adapter: str | None = None, base: str | N
              out: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Answer each question; with compare=True also with the adapter switched off. Returns dicts."""
     model, tokenizer, _ = load_with_adapter(adapter, base)
-    fmt = PromptFormat(template_of(adapter, template), tokenizer)
+    fmt = prompt_format(adapter, template, tokenizer)
     results = []
     for question in questions:
         out(f"\n### {question}")
