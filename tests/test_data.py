@@ -184,3 +184,100 @@ def test_split_thinking_and_histogram():
     assert split_thinking("never closes") == ("never closes", "", False)
     hist = length_histogram([10, 11, 50, 90, 90])
     assert hist.count("\n") >= 2 and hist.splitlines()[-1].endswith("2")
+
+
+# ----------------------------------------------------------------------------- overlong rows and previews
+
+def test_overlong_rows_stop_unless_opted_in(tokenizer):
+    samples, _ = load_samples("sample:en", DataConfig(max_rows=20))
+    lengths = sorted(len(e.input_ids) for e in build_examples(
+        samples, PromptFormat("seed-en"), tokenizer, DataConfig(max_seq_length=100_000), DataReport("x")))
+    limit = lengths[10]
+    assert DataConfig().overlong == "error"
+    with pytest.raises(UserError) as info:
+        build_examples(samples, PromptFormat("seed-en"), tokenizer, DataConfig(max_seq_length=limit), DataReport("rows.jsonl"))
+    message = str(info.value)
+    over = sum(1 for n in lengths if n > limit)
+    assert message.startswith(f"rows.jsonl: {over} of 20 rows are longer than data.max_seq_length={limit}")
+    assert f"p95 length {lengths[19]}" in message and "raise data.max_seq_length" in message
+    assert "data.overlong: drop" in message and "\n" not in message
+    report = DataReport("x")
+    cut = build_examples(samples, PromptFormat("seed-en"), tokenizer, DataConfig(max_seq_length=limit, overlong="truncate"), report)
+    assert report.truncated == over and sum(1 for e in cut if e.input_ids[-1] != tokenizer.eos_token_id) == over
+
+
+def test_preview_never_splits_a_character(tokenizer):
+    samples, _ = load_samples("sample:zh", DataConfig(max_rows=1))
+    ex = tokenize_sample(samples[0], PromptFormat("seed-zh"), tokenizer)
+    whole = tokenizer.decode(ex.input_ids)
+    assert "\ufffd" not in whole
+    split_somewhere = False
+    for cut in range(len(ex.input_ids) - 60, len(ex.input_ids)):  # truncation at every token of the tail
+        split_somewhere |= "\ufffd" in tokenizer.decode(ex.input_ids[:cut])
+        shown = render_loss_span(type(ex)(ex.input_ids[:cut], ex.labels[:cut]), tokenizer)
+        assert "\ufffd" not in shown and whole.startswith(shown.replace("[[LOSS>", "").replace("<LOSS]]", ""))
+    for edge in range(20, 80):  # a loss span starting at every token, inside characters too
+        labels = [IGNORE_INDEX] * edge + ex.input_ids[edge:]
+        shown = render_loss_span(type(ex)(ex.input_ids, labels), tokenizer)
+        split_somewhere |= "\ufffd" in tokenizer.decode(ex.input_ids[edge:])
+        assert "\ufffd" not in shown and shown.replace("[[LOSS>", "").replace("<LOSS]]", "") == whole
+    assert split_somewhere  # the tiny tokenizer does cut characters into byte tokens
+
+
+# ----------------------------------------------------------------------------- one BOS, with a tokenizer that adds it
+
+R1_BOS = "<｜begin▁of▁sentence｜>"
+
+
+@pytest.fixture(scope="module")
+def bos_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """The tiny tokenizer made to add a BOS to every text (as the R1 tokenizer does), an R1-like chat template
+    that renders that BOS, and a tiny Qwen2 model of its vocabulary."""
+    from tokenizers import processors
+
+    from conftest import build_model
+
+    folder = tmp_path_factory.mktemp("bos-model")
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok.add_special_tokens({"bos_token": R1_BOS})
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{R1_BOS} $A", pair=f"{R1_BOS} $A $B", special_tokens=[(R1_BOS, tok.bos_token_id)])
+    tok.chat_template = R1_LIKE
+    tok.save_pretrained(folder)
+    build_model(folder, "qwen2", len(tok))
+    return folder
+
+
+def _leading_bos(ids, bos: int) -> int:
+    return next((i for i, t in enumerate(ids) if t != bos), len(ids))
+
+
+@pytest.mark.parametrize("template", ["chat", "seed-en"])
+def test_one_bos_in_training_rows(bos_model_dir: Path, template: str):
+    tok = AutoTokenizer.from_pretrained(bos_model_dir)
+    assert tok("x")["input_ids"][0] == tok.bos_token_id  # the tokenizer adds a BOS ...
+    fmt = PromptFormat(template, tok)
+    if template == "chat":
+        assert fmt.prompt("Q").startswith(R1_BOS)  # ... and the chat template renders one too
+    ex = build_examples([SAMPLE], fmt, tok, DataConfig(max_seq_length=4096), DataReport("x"))[0]
+    assert _leading_bos(ex.input_ids, tok.bos_token_id) == 1 and ex.input_ids.count(tok.bos_token_id) == 1
+
+
+def test_one_bos_in_generation_and_eval_prompts(bos_model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    from thinktune.generation import answer, answer_batch
+
+    tok = AutoTokenizer.from_pretrained(bos_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(bos_model_dir)
+    seen: list[list[int]] = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()) if
+                                    kwargs.get("input_ids") is not None and not seen else None, with_kwargs=True)
+    fmt = PromptFormat("chat", tok)
+    answer(model, tok, fmt, "What is sepsis?", max_new_tokens=2)  # `thinktune generate`
+    assert _leading_bos(seen[0], tok.bos_token_id) == 1
+    seen.clear()
+    tok.pad_token = tok.eos_token
+    answer_batch(model, tok, fmt, [SAMPLE, Sample("Q", "c", "a")], max_new_tokens=2)  # `thinktune eval`
+    prompt = tok(fmt.prompt(SAMPLE.question), add_special_tokens=False)["input_ids"]
+    assert seen[0][-len(prompt):] == prompt and seen[0].count(tok.bos_token_id) == 1

@@ -151,7 +151,7 @@ class PromptFormat:
             else:
                 start = len(text)
                 text += self._assistant_text(turn, "\n") + "\n"
-                spans.append((start, len(text)))
+                spans += [(start, len(text))] if want_spans else []
         return text + f"\n### Question:\n{question}\n\n### Response:\n<think>\n", spans
 
     def _assistant_text(self, turn: Turn, gap: str) -> str:
