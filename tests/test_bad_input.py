@@ -155,6 +155,15 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], tuple[str, ...]]] = {
     "misspelled key": (lambda c: ["train", c.config(), "train.bach_size=2"], ("did you mean 'train.batch_size'",)),
     "misspelled key in the YAML": (lambda c: ["validate", c.file("bad.yaml", "lora:\n  rank: 8\n")],
                                    ("unknown config key 'lora.rank'",)),
+    "keys of other tools, each with its line": (lambda c: ["validate", c.file(
+        "hf.yaml", "model:\n  max_seq_length: 2048\ntrain:\n  optim: adamw_torch\n  bf16: false\n")],
+        ("3 problems", "hf.yaml line 2: unknown config key 'model.max_seq_length' (thinktune's key is data.max_seq_length)",
+         "hf.yaml line 4: unknown config key 'train.optim' (thinktune's key is train.optimizer",
+         "hf.yaml line 5: unknown config key 'train.bf16' (thinktune's key is train.precision: bf16)")),
+    "overlong rows without opting in to truncation": (
+        lambda c: ["train", c.config(), "data.overlong=error", "data.max_seq_length=200"],
+        ("4 of 4 rows are longer than data.max_seq_length=200 tokens (p95 length", "raise data.max_seq_length",
+         "data.overlong: drop")),
     "out-of-range value": (lambda c: ["train", c.config(), "lora.dropout=1.5"], ("lora.dropout = 1.5 is out of range",)),
     "wrong type": (lambda c: ["train", c.config(), "train.batch_size=two"], ("train.batch_size must be an integer",)),
     "unknown choice": (lambda c: ["train", c.config(), "data.template=seed_en"], ("did you mean 'seed-en'",)),
