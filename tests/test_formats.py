@@ -180,3 +180,16 @@ def test_cli_prints_the_notice_and_trains_on_messages(tmp_path: Path, tiny_qwen2
     assert "messages (messages: role/content turns" in out and "6 rows read, 6 used" in out
     assert "[[LOSS>double 0\n</think>\n\n0<|im_end|><LOSS]]" in out
     assert CHATML  # the tiny tokenizer's template renders the prompt
+
+
+def test_generation_prompts_with_the_adapters_instruction(tmp_path: Path, tokenizer):
+    from thinktune.config import RunConfig
+    from thinktune.generation import prompt_format
+
+    cfg = RunConfig()
+    cfg.data.template, cfg.data.instruction = "seed-en", "You are a cardiologist."
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    fmt = prompt_format(tmp_path, None, tokenizer)
+    assert fmt.prompt("Q?") == PromptFormat.from_config(cfg.data).prompt("Q?")
+    assert "### Instruction:\nYou are a cardiologist.\n" in fmt.prompt("Q?")
+    assert "medical expert" in prompt_format(tmp_path / "foreign", "seed-en", tokenizer).prompt("Q?")

@@ -35,20 +35,22 @@ class Answer:
         return asdict(self)
 
 
+def saved_data_config(adapter_dir: str | Path | None) -> dict[str, Any]:
+    """The `data` section of the run config saved beside a thinktune adapter ({} for a foreign adapter)."""
+    file = Path(adapter_dir) / "config.json" if adapter_dir else None
+    if file is None or not file.is_file():
+        return {}
+    return json.loads(file.read_text(encoding="utf-8")).get("data", {})
+
+
 def template_of(adapter_dir: str | Path | None, template: str | None) -> str:
-    if template:
-        return template
-    if adapter_dir and (Path(adapter_dir) / "config.json").is_file():
-        return json.loads((Path(adapter_dir) / "config.json").read_text(encoding="utf-8"))["data"]["template"]
-    return "seed-zh"
+    return template or saved_data_config(adapter_dir).get("template", "seed-zh")
 
 
 def prompt_format(adapter_dir: str | Path | None, template: str | None, tokenizer: Any) -> PromptFormat:
     """The adapter's training prompt format: its template (unless overridden), instruction and history switch."""
-    data: dict[str, Any] = {}
-    if adapter_dir and (Path(adapter_dir) / "config.json").is_file():
-        data = json.loads((Path(adapter_dir) / "config.json").read_text(encoding="utf-8")).get("data", {})
-    return PromptFormat(template_of(adapter_dir, template), tokenizer, data.get("instruction"),
+    data = saved_data_config(adapter_dir)
+    return PromptFormat(template or data.get("template", "seed-zh"), tokenizer, data.get("instruction"),
                         data.get("history_thinking", "drop"))
 
 
