@@ -133,6 +133,8 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], tuple[str, ...]]] = {
         "rows.csv", "Question,Complex_CoT,Response\nq,c,a\nq,c,a, with a comma\n")], ("line 3 has 4 fields but the header has 3",)),
     "damaged gzip": (lambda c: ["train", c.config(), "data.max_rows=null", "data.path=" + c.file(
         "rows.jsonl.gz", gzip.compress((json.dumps(ROW) + "\n").encode() * 200)[:-40])], ("gzip stream is damaged",)),
+    "damaged Parquet": (lambda c: ["train", c.config(), "data.path=" + c.file("rows.parquet", b"PAR1 not really")],
+                        ("not a readable Parquet file",)),
     "a JSON object, not rows": (lambda c: ["train", c.config(), "data.path=" + c.file(
         "rows.json", json.dumps({"name": "x", "version": 1}, indent=2))], ("a JSON object, not rows",)),
     "UTF-16 without its byte-order mark": (lambda c: ["train", c.config(), "data.path=" + c.file(
@@ -260,12 +262,12 @@ ROWS3 = [ROW, {**ROW, "Question": "What is shock?"}, {**ROW, "Question": "Qu'est
 JSONL3 = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS3)
 
 
-def _csv(rows: list[dict], end: str = "\n", trailing: str = "") -> str:
+def _csv(rows: list[dict], end: str = "\n", trailing: str = "", delimiter: str = ",") -> str:
     import csv
     import io
 
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator=trailing + end)
+    writer = csv.writer(out, lineterminator=trailing + end, delimiter=delimiter)
     writer.writerow(list(rows[0]))
     writer.writerows([list(r.values()) for r in rows])
     return out.getvalue()
@@ -278,6 +280,7 @@ LOADS: dict[str, Callable[[Case], str]] = {
     "JSONL with CRLF line ends": lambda c: c.file("rows.jsonl", JSONL3.replace("\n", "\r\n")),
     "CSV with CRLF line ends": lambda c: c.file("rows.csv", _csv(ROWS3, "\r\n")),
     "CSV with trailing commas": lambda c: c.file("rows.csv", _csv(ROWS3, trailing=",")),
+    "CSV with ';' separators (Excel in many locales)": lambda c: c.file("rows.csv", _csv(ROWS3, "\r\n", delimiter=";")),
     "CSV with quoted multi-line fields": lambda c: c.file("rows.csv", _csv(
         [ROWS3[0], {**ROWS3[1], "Complex_CoT": "Step 1, low pressure.\nStep 2: poor perfusion."}, ROWS3[2]])),
     "a JSON array in a .jsonl file": lambda c: c.file("rows.jsonl", json.dumps(ROWS3, indent=2)),

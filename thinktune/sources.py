@@ -2,8 +2,8 @@
 
 Local files are read by thinktune itself, streamed row by row (a 200 MB JSONL file is
 never held whole), so every problem can name its file and line: JSON Lines, a JSON
-array (or JSON Lines in a .json file), CSV (header row; trailing commas and CRLF
-line ends allowed), Parquet, and any of the text formats gzip'd (`.jsonl.gz`). Text
+array (or JSON Lines in a .json file), CSV (header row; ',' or ';' or tab
+as the header shows; trailing commas and CRLF line ends allowed), Parquet, and any of the text formats gzip'd (`.jsonl.gz`). Text
 may carry a UTF-8 byte-order mark (what Excel and Windows Notepad write) or be UTF-16
 with its mark; anything else must be UTF-8. Hub ids go through `datasets`.
 
@@ -148,9 +148,17 @@ def _json_array(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield row_no, row
 
 
+def _delimiter(header: str) -> str:
+    """',' unless the header line holds more ';' or tabs (Excel in many locales writes ';')."""
+    return max((",", ";", "\t"), key=lambda d: (header.count(d), d == ","))
+
+
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     lines = (line for _, line in _lines(path))
-    reader = csv.reader(lines)
+    first = next(lines, None)
+    if first is None:
+        return
+    reader = csv.reader(chain([first], lines), delimiter=_delimiter(first))
     try:
         header = next(reader, None)
         if header is None:
@@ -162,7 +170,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             extra = values[len(names):]
             if any(v.strip() for v in extra):
                 raise UserError(f"{path}: line {reader.line_num} has {len(values)} fields but the header has {len(names)}; "
-                                "quote fields that contain commas")
+                                "quote fields that contain the delimiter")
             yield reader.line_num, {n: v for n, v in zip(names, values) if n}
     except csv.Error as exc:
         raise UserError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from None
@@ -171,7 +179,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def _csv_columns(path: Path) -> list[str]:
     for _, line in _lines(path):
         if line.strip():
-            return [h.strip() for h in next(csv.reader([line])) if h.strip()]
+            return [h.strip() for h in next(csv.reader([line], delimiter=_delimiter(line))) if h.strip()]
     return []
 
 
