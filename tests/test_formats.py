@@ -131,6 +131,9 @@ def test_earlier_turns_keep_or_drop_their_thinking(template: str, history_thinki
     prompt = fmt.sample_prompt(CONVERSATION)
     assert "Hi there?" in prompt and "Hello friend." in prompt and "Be brief." in prompt
     assert ("greet back" in prompt) == (history_thinking == "keep")
+    if history_thinking == "keep":  # written as the completion of that template would be
+        completion = fmt.completion("greet back", "Hello friend.").rstrip("\n")
+        assert f"<think>\n{completion}" in prompt
     assert prompt.endswith("<think>\n") and prompt.index("Hello friend.") < prompt.index("What is 2+2?")
 
 

@@ -1,7 +1,8 @@
 """Data: load question/CoT/answer rows, render them as R1 prompts, tokenise, batch.
 
-The trip of one row: a `datasets` table (hub id or local JSON/JSONL/CSV/Parquet) ->
-`Sample(question, cot, response)` -> `PromptFormat.prompt()` + `.completion()` ->
+The trip of one row: `sources.read_rows` (local files streamed, or a hub data set) ->
+`formats.convert` (layout detected or `data.format`) -> `Sample(question, cot, response,
+system, history)` -> `PromptFormat.render_prompt()` + `.completion()` ->
 `Example(input_ids, labels)` with the loss on the completion (thinking + answer +
 EOS) unless `train_on: all`. The prompt is tokenised on its own and the completion
 appended, so the training prefix is token-for-token the inference prompt. Labels
@@ -150,11 +151,12 @@ class PromptFormat:
                 text += f"\n### Question:\n{turn.content}\n\n### Response:\n"
             else:
                 start = len(text)
-                text += self._assistant_text(turn, "\n") + "\n"
+                text += self._assistant_text(turn, "") + "\n"
                 spans += [(start, len(text))] if want_spans else []
         return text + f"\n### Question:\n{question}\n\n### Response:\n<think>\n", spans
 
     def _assistant_text(self, turn: Turn, gap: str) -> str:
+        """An earlier assistant turn as `completion()` writes one (gap: the template's extra newline), or its answer."""
         if self.history_thinking == "keep":
             return f"{THINK_OPEN}\n{turn.thinking}\n{THINK_CLOSE}\n{gap}{turn.content}"
         return turn.content
