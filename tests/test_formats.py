@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import CHATML
 from thinktune.cli import main
 from thinktune.config import DataConfig
 from thinktune.data import (IGNORE_INDEX, DataReport, PromptFormat, Sample, Turn, build_examples, load_samples,
@@ -168,21 +167,30 @@ def test_instruction_replaces_the_seed_instruction_and_becomes_the_chat_system(t
     assert "Be brief." in chat.sample_prompt(CONVERSATION) and "cardiologist" not in chat.sample_prompt(CONVERSATION)
 
 
-def test_cli_prints_the_notice_and_trains_on_messages(tmp_path: Path, tiny_qwen2: Path, capsys):
+CLI_ROWS = {
+    "messages": lambda i: {"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
+                                        {"role": "assistant", "content": f"<think>double {i}</think>{2 * i}"}]},
+    "sharegpt": lambda i: {"conversations": [{"from": "human", "value": f"What is {i}+{i}?"},
+                                             {"from": "gpt", "value": f"<think>double {i}</think>{2 * i}"}]},
+    "alpaca": lambda i: {"instruction": f"What is {i}+{i}?", "input": "", "output": f"<think>double {i}</think>{2 * i}"},
+}
+
+
+@pytest.mark.parametrize("layout", list(CLI_ROWS))
+def test_the_data_command_announces_the_format_and_shows_the_loss_span(layout: str, tmp_path: Path, tiny_qwen2: Path,
+                                                                      capsys):
     import yaml
 
     from conftest import tiny_config
 
-    rows = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
-                          {"role": "assistant", "content": f"<think>double {i}</think>{2 * i}"}]} for i in range(6)]
-    cfg = tiny_config(tiny_qwen2, tmp_path / "out", data={"path": write_rows(tmp_path, rows), "template": "chat"})
+    path = write_rows(tmp_path, [CLI_ROWS[layout](i) for i in range(6)])
+    cfg = tiny_config(tiny_qwen2, tmp_path / "out", data={"path": path, "template": "chat"})
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     assert main(["data", str(config), "--examples", "1"]) == 0
     out = capsys.readouterr().out
-    assert "messages (messages: role/content turns" in out and "6 rows read, 6 used" in out
-    assert "[[LOSS>double 0\n</think>\n\n0<|im_end|><LOSS]]" in out
-    assert CHATML  # the tiny tokenizer's template renders the prompt
+    assert f"format of {path}: {layout} (" in out and f"{path}: 6 rows read, 6 used" in out
+    assert "<|im_start|>user\nWhat is 0+0?<|im_end|>\n<|im_start|>assistant\n<think>\n[[LOSS>double 0\n</think>\n\n0<|im_end|><LOSS]]" in out
 
 
 def test_generation_prompts_with_the_adapters_instruction(tmp_path: Path, tokenizer):
