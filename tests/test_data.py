@@ -87,7 +87,7 @@ def test_chat_mode_keeps_the_cot_with_an_r1_like_template(tokenizer):
     # ... ours keeps it, and the generation prompt's <think> is not doubled.
     prompt = fmt.prompt("Q")
     assert prompt.endswith("Assistant: <think>\n") and prompt.count("<think>") == 1
-    assert "secret cot" in fmt.full_text(Sample("Q", "secret cot", "A"))
+    assert "secret cot" in fmt.prompt("Q") + fmt.completion("secret cot", "A")
 
 
 def test_chat_mode_without_template_is_a_clear_error(tokenizer):

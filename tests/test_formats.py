@@ -98,7 +98,7 @@ def test_format_is_detected_and_converted(name: str, tmp_path: Path, tokenizer):
     ex = build_examples([sample], fmt, tokenizer, DataConfig(max_seq_length=4096), DataReport("x"))[0]
     trained = trained_text(ex, tokenizer)
     assert trained == f"{expected.cot}\n</think>\n{expected.response}\n<|im_end|>"
-    assert fmt.full_text(sample).count("<think>") == 1
+    assert (fmt.sample_prompt(sample) + fmt.completion(sample.cot, sample.response)).count("<think>") == 1
 
 
 def test_format_can_be_forced_and_says_what_it_needs(tmp_path: Path):
