@@ -234,7 +234,7 @@ def load_samples(path: str, cfg: DataConfig, split: str | None = None) -> tuple[
     samples: list[Sample] = []
     for row_no, (line_no, row) in enumerate(rows.rows, start=1):
         report.rows_read += 1
-        sample = convert(row, mapping, cfg)
+        sample = convert(row, mapping)
         if isinstance(sample, str):
             where = f"line {line_no}; " if rows.unit == "line" else ""
             if cfg.strict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from thinktune.config import DataConfig
 from thinktune.errors import UserError, did_you_mean
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -107,7 +108,7 @@ def _find(columns: Sequence[str], names: Sequence[str], taken: Sequence[str] = (
     return next((lower[n] for n in names if n in lower), None)
 
 
-def detect(columns: Sequence[str], cfg: Any, source: str) -> Mapping:
+def detect(columns: Sequence[str], cfg: DataConfig, source: str) -> Mapping:
     """The mapping for these columns: `data.format` when set, else the configured columns, else by the names."""
     forced = cfg.format
     configured = [c for c in (cfg.question_column, cfg.cot_column, cfg.response_column) if c]
@@ -178,11 +179,11 @@ def _text(value: Any) -> str | None:
     return None
 
 
-def convert(row: dict[str, Any], mapping: Mapping, cfg: Any) -> Sample | str:
+def convert(row: dict[str, Any], mapping: Mapping) -> Sample | str:
     """A Sample, or the reason the row cannot be used (a short phrase naming the field)."""
     if mapping.format in ("columns", "alpaca"):
         return _from_columns(row, mapping)
-    return _from_turns(row, mapping, cfg)
+    return _from_turns(row, mapping)
 
 
 def _from_columns(row: dict[str, Any], mapping: Mapping) -> Sample | str:
@@ -206,7 +207,7 @@ def _from_columns(row: dict[str, Any], mapping: Mapping) -> Sample | str:
     return Sample(question.strip(), unwrap_think(cot) if cot.strip() else thinking, answer)
 
 
-def _from_turns(row: dict[str, Any], mapping: Mapping, cfg: Any) -> Sample | str:
+def _from_turns(row: dict[str, Any], mapping: Mapping) -> Sample | str:
     turns = row.get(mapping.conversation or "")
     if not isinstance(turns, list) or not turns:
         return f"an empty or non-list {mapping.conversation}"
