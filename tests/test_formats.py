@@ -111,6 +111,13 @@ def test_format_can_be_forced_and_says_what_it_needs(tmp_path: Path):
         load_samples(write_rows(tmp_path, [{"q": "x"}], "other.jsonl"), DataConfig(format="sharegpt"))
 
 
+def test_unusable_conversations_are_skipped_and_named(tmp_path: Path):
+    good = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    no_answer = {"messages": [{"role": "user", "content": "Q"}]}
+    _, report = load_samples(write_rows(tmp_path, [good, no_answer, good]), DataConfig())
+    assert "3 rows read" in report.summary() and "1 skipped (e.g. row 2 has no final assistant answer in messages)" in report.summary()
+
+
 def test_split_think_never_nests():
     assert split_think("<think>a</think>b") == ("a", "b")
     assert split_think("a</think>b") == ("a", "b")

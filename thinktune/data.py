@@ -86,7 +86,8 @@ class DataReport:
         kept = len(self.lengths)
         parts = [f"{self.source}: {self.rows_read} rows read, {kept} used"]
         if self.skipped_bad:
-            parts.append(f"{self.skipped_bad} skipped (empty or non-text fields)")
+            fields = not self.first_skip or "empty or non-text" in self.first_skip
+            parts.append(f"{self.skipped_bad} skipped ({'empty or non-text fields' if fields else 'e.g. ' + self.first_skip})")
         if self.truncated:
             parts.append(f"{self.truncated} truncated to max_seq_length (their ends, EOS included, cut off)")
         if self.dropped_overlong:
