@@ -211,3 +211,20 @@ def test_generation_prompts_with_the_adapters_instruction(tmp_path: Path, tokeni
     assert fmt.prompt("Q?") == PromptFormat.from_config(cfg.data).prompt("Q?")
     assert "### Instruction:\nYou are a cardiologist.\n" in fmt.prompt("Q?")
     assert "medical expert" in prompt_format(tmp_path / "foreign", "seed-en", tokenizer).prompt("Q?")
+
+
+def test_training_runs_on_multi_turn_sharegpt_with_loss_on_every_turn(tmp_path: Path, tiny_qwen2: Path):
+    from conftest import tiny_config
+    from thinktune.loop import train
+
+    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": f"Hi {i}?"},
+                               {"from": "gpt", "value": f"Hello {i}."}, {"from": "human", "value": f"What is {i}+{i}?"},
+                               {"from": "gpt", "value": f"<think>double {i}</think>{2 * i}"}]} for i in range(8)]
+    lines: list[str] = []
+    cfg = tiny_config(tiny_qwen2, tmp_path / "out", data={"path": write_rows(tmp_path, rows), "template": "chat",
+                                                          "loss_turns": "all", "history_thinking": "keep"},
+                      train={"max_steps": 2, "save_steps": 0})
+    summary = train(cfg, log=lines.append)
+    assert summary and not summary["stopped_early"]
+    assert any("sharegpt (conversations: from/value turns" in line for line in lines)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
