@@ -70,6 +70,11 @@ CASES = {
     "no CoT at all": (
         [{"question": "Capital of France?", "answer": "Paris."}],
         "thinking <- a <think> block in answer, else empty", Sample("Capital of France?", "", "Paris.")),
+    "TRL conversational prompt/completion": (
+        [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+          "completion": [{"role": "assistant", "content": "<think>add</think>4"}]}],
+        "columns (question <- prompt, thinking <- a <think> block in completion, else empty, answer <- completion)",
+        Sample("What is 2+2?", "add", "4", "Be brief.")),
     "sharegpt": (
         [{"conversations": [{"from": "system", "value": "You are terse."}, {"from": "human", "value": "Hi?"},
                             {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "What is 2+2?"},

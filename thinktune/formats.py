@@ -4,7 +4,7 @@ Four layouts are understood, detected from the columns (or forced with `data.for
 
 - columns:  one column each for question, chain of thought and answer (the seed's
             Question / Complex_CoT / Response; also question/answer, prompt/reasoning_content/
-            content, ...). Without a CoT column the thinking comes from a `<think>...</think>`
+            content, TRL's prompt/completion, as text or as lists of role/content turns). Without a CoT column the thinking comes from a `<think>...</think>`
             block inside the answer, or is empty;
 - alpaca:   instruction / input / output (input appended to the instruction);
 - sharegpt: `conversations`, a list of {from: system|human|gpt, value};
@@ -186,7 +186,15 @@ def convert(row: dict[str, Any], mapping: Mapping) -> Sample | str:
     return _from_turns(row, mapping)
 
 
+def _is_turns(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, dict) and ("role" in t or "from" in t) for t in value)
+
+
 def _from_columns(row: dict[str, Any], mapping: Mapping) -> Sample | str:
+    prompt, answer_turns = row.get(mapping.question or ""), row.get(mapping.response or "")
+    if _is_turns(prompt) and _is_turns(answer_turns):  # TRL's conversational prompt/completion
+        name = f"{mapping.question}+{mapping.response}"
+        return _from_turns({name: prompt + answer_turns}, Mapping("messages", conversation=name))
     question, response = _text(row.get(mapping.question or "")), _text(row.get(mapping.response or ""))
     bad = [name for name, value in ((mapping.question, question), (mapping.response, response))
            if value is None or not value.strip()]
