@@ -108,7 +108,8 @@ def write_config(work: Path, model_dir: Path, steps: int) -> Path:
     cfg = {
         "model": {"name_or_path": str(model_dir), "device": "cpu"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
-        "data": {"path": "sample:en", "template": "seed-en", "max_seq_length": 320, "max_rows": 20, "eval_size": 4},
+        "data": {"path": "sample:en", "template": "seed-en", "max_seq_length": 320, "max_rows": 20, "eval_size": 4,
+                 "overlong": "truncate"},  # short rows keep the kills quick; cut rows are fine here
         "train": {"batch_size": 2, "grad_accum": 2, "max_steps": steps, "lr": 1e-3, "warmup_steps": 2,
                   "optimizer": "adamw", "precision": "fp32", "gradient_checkpointing": False, "logging_steps": 1,
                   "save_steps": 1, "save_total_limit": 2, "eval_steps": 5, "seed": 7},

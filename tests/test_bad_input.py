@@ -5,6 +5,8 @@ message and that every file under the folder is byte-for-byte what it was before
 """
 from __future__ import annotations
 
+import codecs
+import gzip
 import json
 import shutil
 import socket
@@ -115,9 +117,28 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], tuple[str, ...]]] = {
     "broken JSONL line": (lambda c: ["train", c.config(), "data.path=" + c.file(
         "rows.jsonl", json.dumps(ROW) + '\n{"Question": "a",\n')], ("line 2 is not valid JSON",)),
     "renamed columns": (lambda c: ["train", c.config(), "data.path=" + c.rows(
-        "rows.jsonl", {"question": "q", "cot": "c", "answer": "a"})],
-        ("missing column(s) Question, Complex_CoT, Response", "columns found: question, cot, answer",
-         "data.question_column=question data.cot_column=cot data.response_column=answer")),
+        "rows.jsonl", {"Frage": "q", "Begruendung": "c", "Antwort": "a"})],
+        ("missing column(s) Question, Complex_CoT, Response", "columns found: Frage, Begruendung, Antwort",
+         "data.question_column=Frage data.cot_column=Begruendung data.response_column=Antwort")),
+    # real-world files that cannot load: one clear line each
+    "empty .jsonl": (lambda c: ["train", c.config(), "data.path=" + c.file("rows.jsonl", b"")], ("the file is empty",)),
+    "blank lines only": (lambda c: ["train", c.config(), "data.path=" + c.file("rows.jsonl", "\n \r\n\n")],
+                         ("holds no rows",)),
+    "header-only CSV": (lambda c: ["train", c.config(), "data.path=" + c.file(
+        "rows.csv", "\ufeffQuestion,Complex_CoT,Response\r\n")], ("a header (Question, Complex_CoT, Response) but no rows",)),
+    "mixed encodings (a Latin-1 line in UTF-8)": (lambda c: ["train", c.config(), "data.path=" + c.file(
+        "rows.jsonl", (json.dumps(ROW, ensure_ascii=False) + "\n").encode() * 3
+        + json.dumps({**ROW, "Question": "fièvre?"}, ensure_ascii=False).encode("latin-1"))], ("line 4 is not valid UTF-8",)),
+    "CSV row with more fields than the header": (lambda c: ["train", c.config(), "data.path=" + c.file(
+        "rows.csv", "Question,Complex_CoT,Response\nq,c,a\nq,c,a, with a comma\n")], ("line 3 has 4 fields but the header has 3",)),
+    "damaged gzip": (lambda c: ["train", c.config(), "data.max_rows=null", "data.path=" + c.file(
+        "rows.jsonl.gz", gzip.compress((json.dumps(ROW) + "\n").encode() * 200)[:-40])], ("gzip stream is damaged",)),
+    "damaged Parquet": (lambda c: ["train", c.config(), "data.path=" + c.file("rows.parquet", b"PAR1 not really")],
+                        ("not a readable Parquet file",)),
+    "a JSON object, not rows": (lambda c: ["train", c.config(), "data.path=" + c.file(
+        "rows.json", json.dumps({"name": "x", "version": 1}, indent=2))], ("a JSON object, not rows",)),
+    "UTF-16 without its byte-order mark": (lambda c: ["train", c.config(), "data.path=" + c.file(
+        "rows.jsonl", (json.dumps(ROW) + "\n").encode("utf-16-le"))], ("line 1 is not valid JSON",)),
     "empty field with data.strict": (lambda c: ["train", c.config(), "data.strict=true", "data.path=" + c.rows(
         "rows.jsonl", ROW, {**ROW, "Question": "  "})], ("row 2 has an empty or non-text Question",)),
     "non-string field with data.strict": (lambda c: ["data", c.config(), "data.strict=true", "data.path=" + c.rows(
@@ -136,6 +157,15 @@ CASES: dict[str, tuple[Callable[[Case], list[str]], tuple[str, ...]]] = {
     "misspelled key": (lambda c: ["train", c.config(), "train.bach_size=2"], ("did you mean 'train.batch_size'",)),
     "misspelled key in the YAML": (lambda c: ["validate", c.file("bad.yaml", "lora:\n  rank: 8\n")],
                                    ("unknown config key 'lora.rank'",)),
+    "keys of other tools, each with its line": (lambda c: ["validate", c.file(
+        "hf.yaml", "model:\n  max_seq_length: 2048\ntrain:\n  optim: adamw_torch\n  bf16: false\n")],
+        ("3 problems", "hf.yaml line 2: unknown config key 'model.max_seq_length' (thinktune's key is data.max_seq_length)",
+         "hf.yaml line 4: unknown config key 'train.optim' (thinktune's key is train.optimizer",
+         "hf.yaml line 5: unknown config key 'train.bf16' (thinktune's key is train.precision: bf16)")),
+    "overlong rows without opting in to truncation": (
+        lambda c: ["train", c.config(), "data.overlong=error", "data.max_seq_length=200"],
+        ("4 of 4 rows are longer than data.max_seq_length=200 tokens (p95 length", "raise data.max_seq_length",
+         "data.overlong: drop")),
     "out-of-range value": (lambda c: ["train", c.config(), "lora.dropout=1.5"], ("lora.dropout = 1.5 is out of range",)),
     "wrong type": (lambda c: ["train", c.config(), "train.batch_size=two"], ("train.batch_size must be an integer",)),
     "unknown choice": (lambda c: ["train", c.config(), "data.template=seed_en"], ("did you mean 'seed-en'",)),
@@ -226,6 +256,73 @@ def test_bad_rows_are_skipped_and_counted(tmp_path: Path, tiny_qwen2: Path, trai
     rows = c.rows("rows.jsonl", ROW, {**ROW, "Question": ""}, {**ROW, "Response": 7}, {**ROW, "Complex_CoT": None}, ROW)
     assert main(["data", c.config(), f"data.path={rows}", "--examples", "0"]) == 0
     assert "5 rows read, 2 used, 3 skipped (empty or non-text fields)" in capsys.readouterr().out
+
+
+ROWS3 = [ROW, {**ROW, "Question": "What is shock?"}, {**ROW, "Question": "Qu'est-ce que la fièvre, « en bref » ?"}]
+JSONL3 = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS3)
+
+
+def _csv(rows: list[dict], end: str = "\n", trailing: str = "", delimiter: str = ",") -> str:
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator=trailing + end, delimiter=delimiter)
+    writer.writerow(list(rows[0]))
+    writer.writerows([list(r.values()) for r in rows])
+    return out.getvalue()
+
+
+LOADS: dict[str, Callable[[Case], str]] = {
+    "JSONL with a UTF-8 BOM (Notepad, Excel)": lambda c: c.file("rows.jsonl", codecs.BOM_UTF8 + JSONL3.encode()),
+    "CSV with a UTF-8 BOM": lambda c: c.file("rows.csv", codecs.BOM_UTF8 + _csv(ROWS3).encode()),
+    "JSON array with a UTF-8 BOM": lambda c: c.file("rows.json", codecs.BOM_UTF8 + json.dumps(ROWS3).encode()),
+    "JSONL with CRLF line ends": lambda c: c.file("rows.jsonl", JSONL3.replace("\n", "\r\n")),
+    "CSV with CRLF line ends": lambda c: c.file("rows.csv", _csv(ROWS3, "\r\n")),
+    "CSV with trailing commas": lambda c: c.file("rows.csv", _csv(ROWS3, trailing=",")),
+    "CSV with ';' separators (Excel in many locales)": lambda c: c.file("rows.csv", _csv(ROWS3, "\r\n", delimiter=";")),
+    "CSV with quoted multi-line fields": lambda c: c.file("rows.csv", _csv(
+        [ROWS3[0], {**ROWS3[1], "Complex_CoT": "Step 1, low pressure.\nStep 2: poor perfusion."}, ROWS3[2]])),
+    "a JSON array in a .jsonl file": lambda c: c.file("rows.jsonl", json.dumps(ROWS3, indent=2)),
+    "JSON Lines in a .json file": lambda c: c.file("rows.json", JSONL3),
+    "gzip'd JSONL": lambda c: c.file("rows.jsonl.gz", gzip.compress(JSONL3.encode())),
+    "gzip'd CSV with a BOM": lambda c: c.file("rows.csv.gz", gzip.compress(codecs.BOM_UTF8 + _csv(ROWS3).encode())),
+    "UTF-16 with its byte-order mark (Notepad's 'Unicode')": lambda c: c.file("rows.jsonl", JSONL3.encode("utf-16")),
+}
+
+
+@pytest.mark.parametrize("name", list(LOADS))
+def test_real_world_files_load(name: str, tmp_path: Path, tiny_qwen2: Path, trained: Path, capsys):
+    c = Case(tmp_path, tiny_qwen2, tiny_qwen2, trained)
+    path = LOADS[name](c)
+    assert main(["data", c.config(), f"data.path={path}", "--examples", "3"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "3 rows read, 3 used" in out
+    assert all(r["Question"] in out for r in ROWS3) and "\ufeff" not in out and "\r" not in out
+    assert "format of " in out and "columns (question <- Question" in out
+
+
+def test_a_200_mb_file_is_streamed(tmp_path: Path):
+    """A ~200 MB JSONL file: the first rows come back without reading the rest; all of it loads (~8 s here)."""
+    import time
+
+    from thinktune.config import DataConfig
+    from thinktune.data import load_samples
+
+    path = tmp_path / "big.jsonl"
+    line = json.dumps({**ROW, "Complex_CoT": "Infection with organ dysfunction. " * 30}) + "\n"
+    count = 200 * 2**20 // len(line.encode())
+    with path.open("w", encoding="utf-8") as fh:
+        for _ in range(count // 1000):
+            fh.write(line * 1000)
+    assert path.stat().st_size > 190 * 2**20
+    t0 = time.perf_counter()
+    head, report = load_samples(str(path), DataConfig(max_rows=100))
+    assert len(head) == 100 and report.rows_read == 100
+    assert time.perf_counter() - t0 < 2.0  # streamed: nowhere near the time to parse 200 MB
+    samples, report = load_samples(str(path), DataConfig())
+    assert len(samples) == report.rows_read == count // 1000 * 1000
+    path.unlink()  # pytest keeps recent tmp folders; 200 MB need not stay
 
 
 @pytest.mark.parametrize("policy, counted", [("truncate", "truncated to max_seq_length"),

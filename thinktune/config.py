@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from thinktune import config_keys
 from thinktune.errors import UserError, did_you_mean
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -98,20 +99,28 @@ class DataConfig:
     """Hub configuration name (e.g. en, zh); ignored for local files."""
     split: str = "train"
     """Split to train on."""
+    format: Literal["auto", "columns", "alpaca", "sharegpt", "messages"] = "auto"
+    """Row layout: auto (detected from the columns, announced in one line), columns (question/CoT/answer columns), alpaca (instruction/input/output), sharegpt (conversations of from/value), messages (OpenAI role/content, with reasoning_content)."""
     question_column: str = "Question"
-    """Column holding the question."""
-    cot_column: str = "Complex_CoT"
-    """Column holding the chain of thought (goes inside <think>...</think>)."""
+    """Column holding the question (format columns)."""
+    cot_column: str | None = "Complex_CoT"
+    """Column holding the chain of thought (goes inside <think>...</think>); null = take it from a <think> block in the answer, else train with an empty think block."""
     response_column: str = "Response"
-    """Column holding the final answer."""
+    """Column holding the final answer; a leading <think>...</think> in it is split off as the thinking."""
     template: Literal["seed-zh", "seed-en", "chat"] = "seed-zh"
     """Prompt format: the seed's Chinese or English R1 template, or the model's own chat template with the CoT kept."""
+    instruction: str | None = None
+    """Custom instruction text: replaces the seed templates' '### Instruction:' text, or becomes the chat system message (a row's own system message wins)."""
+    history_thinking: Literal["drop", "keep"] = "drop"
+    """Multi-turn rows: earlier assistant turns show only their answer (drop, as R1's chat template does) or their <think> block too (keep)."""
+    loss_turns: Literal["last", "all"] = "last"
+    """Multi-turn rows: loss on the last assistant turn only, or on every assistant turn (earlier ones as rendered in the prompt)."""
     train_on: Literal["completion", "all"] = "completion"
     """Loss on the completion only (thinking + answer + EOS), or on the whole text as the seed does."""
     max_seq_length: int = 2048
     """Longest tokenised row."""
-    overlong: Literal["truncate", "drop"] = "truncate"
-    """What to do with rows longer than max_seq_length (counted and reported either way)."""
+    overlong: Literal["error", "truncate", "drop"] = "error"
+    """Rows longer than max_seq_length: error (stop with the count, the p95 length and the fixes), truncate (cut them, losing their EOS and often </think> and the answer: the opt-in), or drop them (counted)."""
     strict: bool = False
     """Stop at the first empty or non-text field instead of skipping and counting it."""
     max_rows: int | None = None
@@ -319,24 +328,40 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str] | None = None,
+           lines: dict[str, str] | None = None) -> Any:
+    """Build a config dataclass; every bad key and value of the tree is collected, then reported in one line."""
+    top = problems is None
+    problems = [] if problems is None else problems
+    lines = lines or {}
+    where = lambda dotted: f"{lines[dotted]}: " if dotted in lines else ""  # noqa: E731
     if not isinstance(data, dict):
-        raise UserError(f"{prefix or 'config'} must be a mapping of keys, got {data!r}")
+        problems.append(f"{where(prefix)}{prefix or 'config'} must be a mapping of keys, got {data!r}")
+        return None
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
+    before = len(problems)
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             close = did_you_mean(str(key), names)
             if close and prefix:
                 close = close.replace("'", f"'{prefix}.", 1)
-            raise UserError(f"unknown config key '{dotted}'{close}")
+            problems.append(f"{where(dotted)}unknown config key '{dotted}'{config_keys.hint(str(key), dotted) or close}")
+            continue
         annotation = hints[key]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[key] = _build(annotation, value or {}, dotted)
-        else:
-            kwargs[key] = _coerce(dotted, value, annotation)
+        try:
+            if dataclasses.is_dataclass(annotation):
+                kwargs[key] = _build(annotation, value or {}, dotted, problems, lines)
+            else:
+                kwargs[key] = _coerce(dotted, value, annotation)
+        except UserError as exc:
+            problems.append(f"{where(dotted)}{exc}")
+    if len(problems) > before:
+        if top:
+            raise UserError("; ".join(problems) if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
+        return None
     return cls(**kwargs)
 
 
@@ -385,12 +410,18 @@ def resolve_config_path(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+    """Load a YAML config (or the defaults when `path` is None), apply overrides, validate.
+
+    Keys of HF/TRL/PEFT/Unsloth with the same meaning are accepted (`config_keys`); every bad key
+    or value is reported at once, with its YAML line.
+    """
     raw: dict[str, Any] = {}
+    lines: dict[str, str] = {}
     if path is not None:
         resolved = resolve_config_path(path)
         try:
-            raw = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
+            text = resolved.read_text(encoding="utf-8")
+            raw = yaml.safe_load(text) or {}
         except UnicodeDecodeError as exc:
             raise UserError(f"{resolved}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         except yaml.YAMLError as exc:
@@ -399,8 +430,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserError(f"{resolved}:{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
         if not isinstance(raw, dict):
             raise UserError(f"{resolved}: top level must be a mapping with model/lora/data/train/output sections")
-    raw = apply_overrides(raw, overrides or [])
-    return _build(RunConfig, raw, "")
+        lines = {key: f"{resolved} line {n}" for key, n in config_keys.key_lines(text).items()}
+    raw, moved = config_keys.normalize(raw)
+    lines.update({target: lines[written] for target, written in moved.items() if written in lines})
+    overrides = [config_keys.canonical(item.split("=", 1)[0].strip()) + "=" + item.split("=", 1)[1] if "=" in item else item
+                 for item in overrides or []]
+    raw = apply_overrides(raw, overrides)
+    for item in overrides:
+        lines.pop(item.split("=", 1)[0].strip(), None)  # a key set on the command line has no YAML line
+    return _build(RunConfig, raw, "", None, lines)
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:

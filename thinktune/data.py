@@ -1,7 +1,8 @@
 """Data: load question/CoT/answer rows, render them as R1 prompts, tokenise, batch.
 
-The trip of one row: a `datasets` table (hub id or local JSON/JSONL/CSV/Parquet) ->
-`Sample(question, cot, response)` -> `PromptFormat.prompt()` + `.completion()` ->
+The trip of one row: `sources.read_rows` (local files streamed, or a hub data set) ->
+`formats.convert` (layout detected or `data.format`) -> `Sample(question, cot, response,
+system, history)` -> `PromptFormat.render_prompt()` + `.completion()` ->
 `Example(input_ids, labels)` with the loss on the completion (thinking + answer +
 EOS) unless `train_on: all`. The prompt is tokenised on its own and the completion
 appended, so the training prefix is token-for-token the inference prompt. Labels
@@ -13,8 +14,6 @@ This module never loads a model and never touches a GPU.
 """
 from __future__ import annotations
 
-import codecs
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -25,11 +24,11 @@ import torch
 
 from thinktune.config import DataConfig
 from thinktune.errors import UserError, did_you_mean
-from thinktune.load_errors import hub_failure
+from thinktune.formats import THINK_CLOSE, THINK_OPEN, Sample, Turn, convert, detect
+from thinktune.sources import read_rows
 
 IGNORE_INDEX = -100
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 # The seed's training template, byte for byte (shared/seed: `train_prompt_style`).
 SEED_ZH_TRAIN = (
@@ -53,14 +52,9 @@ SEED_EN_TRAIN = (
     "\n### Question:\n{}\n"
     "\n### Response:\n<think>\n{}\n</think>\n{}\n"
 )
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-@dataclass
-class Sample:
-    question: str
-    cot: str
-    response: str
+SEED_INSTRUCTION = {"seed-zh": "你是一位具有高级临床推理，诊断和治疗规划知识的医学专家。\n请回答以下医学问题。\n",
+                    "seed-en": "You are a medical expert with advanced knowledge in clinical reasoning, diagnostics, "
+                               "and treatment planning.\nPlease answer the following medical question.\n"}
 
 
 @dataclass
@@ -84,17 +78,22 @@ class DataReport:
     dropped_overlong: int = 0
     lengths: list[int] = field(default_factory=list)
     target_tokens: int = 0
+    format_notice: str = ""
+    first_skip: str = ""
 
     def summary(self) -> str:
+        """The format line (when known), then the counts line."""
         kept = len(self.lengths)
         parts = [f"{self.source}: {self.rows_read} rows read, {kept} used"]
         if self.skipped_bad:
-            parts.append(f"{self.skipped_bad} skipped (empty or non-text fields)")
+            fields = not self.first_skip or "empty or non-text" in self.first_skip
+            parts.append(f"{self.skipped_bad} skipped ({'empty or non-text fields' if fields else 'e.g. ' + self.first_skip})")
         if self.truncated:
-            parts.append(f"{self.truncated} truncated to max_seq_length")
+            parts.append(f"{self.truncated} truncated to max_seq_length (their ends, EOS included, cut off)")
         if self.dropped_overlong:
             parts.append(f"{self.dropped_overlong} dropped (over max_seq_length)")
-        return ", ".join(parts)
+        counts = ", ".join(parts)
+        return f"{self.format_notice}\n{counts}" if self.format_notice else counts
 
     def length_stats(self) -> dict[str, float]:
         if not self.lengths:
@@ -110,29 +109,84 @@ class DataReport:
 # ----------------------------------------------------------------------------- prompt formats
 
 class PromptFormat:
-    """Renders a sample as (prompt, completion). prompt() is also the inference prompt."""
+    """Renders a sample as (prompt, completion). prompt() is also the inference prompt.
 
-    def __init__(self, template: str, tokenizer: Any = None):
+    `instruction` replaces the seed templates' instruction text (or becomes the chat system
+    message); a row's own system message takes precedence. Earlier assistant turns keep their
+    thinking when `history_thinking` is "keep", else only their answer (as R1's template does).
+    """
+
+    def __init__(self, template: str, tokenizer: Any = None, instruction: str | None = None,
+                 history_thinking: str = "drop"):
         if template not in ("seed-zh", "seed-en", "chat"):
             raise UserError(f"data.template '{template}' is unknown{did_you_mean(template, ['seed-zh', 'seed-en', 'chat'])}")
         self.template = template
         self.tokenizer = tokenizer
+        self.instruction = instruction
+        self.history_thinking = history_thinking
         if template == "chat" and not getattr(tokenizer, "chat_template", None):
             raise UserError("data.template is 'chat' but the tokenizer has no chat template: use template: seed-en or seed-zh")
 
-    def prompt(self, question: str) -> str:
+    @classmethod
+    def from_config(cls, cfg: DataConfig, tokenizer: Any = None) -> "PromptFormat":
+        return cls(cfg.template, tokenizer, cfg.instruction, cfg.history_thinking)
+
+    def prompt(self, question: str, system: str | None = None, history: Sequence[Turn] = ()) -> str:
         """Everything before the model's first thinking token; ends with '<think>\\n'."""
+        return self.render_prompt(question, system, history)[0]
+
+    def render_prompt(self, question: str, system: str | None = None, history: Sequence[Turn] = (),
+                      want_spans: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """The prompt and (with want_spans) the character spans of its earlier assistant turns."""
         if self.template == "chat":
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-            )
-            stripped = text.rstrip("\n")
-            if stripped.endswith(THINK_OPEN):  # R1's template already opens the thinking block
-                return stripped + "\n"
-            return text + THINK_OPEN + "\n"
+            return self._chat_prompt(question, system, history, want_spans)
         train = SEED_ZH_TRAIN if self.template == "seed-zh" else SEED_EN_TRAIN
-        head = train.split("<think>\n")[0]
-        return head.format(question) + "<think>\n"
+        default = SEED_INSTRUCTION[self.template]
+        head = train.split("\n### Question:")[0]
+        instruction = system or self.instruction
+        if instruction:
+            head = head.replace(default, instruction.strip() + "\n")
+        text, spans = head, []
+        for turn in history:
+            if turn.role == "user":
+                text += f"\n### Question:\n{turn.content}\n\n### Response:\n"
+            else:
+                start = len(text)
+                text += self._assistant_text(turn, "") + "\n"
+                spans += [(start, len(text))] if want_spans else []
+        return text + f"\n### Question:\n{question}\n\n### Response:\n<think>\n", spans
+
+    def _assistant_text(self, turn: Turn, gap: str) -> str:
+        """An earlier assistant turn as `completion()` writes one (gap: the template's extra newline), or its answer."""
+        if self.history_thinking == "keep":
+            return f"{THINK_OPEN}\n{turn.thinking}\n{THINK_CLOSE}\n{gap}{turn.content}"
+        return turn.content
+
+    def _chat_prompt(self, question: str, system: str | None, history: Sequence[Turn],
+                     want_spans: bool) -> tuple[str, list[tuple[int, int]]]:
+        messages: list[dict[str, str]] = []
+        if system or self.instruction:
+            messages.append({"role": "system", "content": (system or self.instruction or "").strip()})
+        for turn in history:
+            content = self._assistant_text(turn, "\n") if turn.role == "assistant" else turn.content
+            messages.append({"role": turn.role, "content": content})
+        messages.append({"role": "user", "content": question})
+        render = lambda msgs, gen: self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+        text = render(messages, True)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant" or not want_spans:
+                continue
+            before, through = render(messages[:i], True), render(messages[: i + 1], False)
+            start = next((k for k, (a, b) in enumerate(zip(before, through)) if a != b), min(len(before), len(through)))
+            if not text.startswith(through):
+                raise UserError("the chat template does not render earlier turns as a prefix of the conversation; "
+                                "use data.loss_turns=last")
+            spans.append((start, len(through)))
+        stripped = text.rstrip("\n")
+        if stripped.endswith(THINK_OPEN):  # R1's template already opens the thinking block
+            return stripped + "\n", spans
+        return text + THINK_OPEN + "\n", spans
 
     def completion(self, cot: str, response: str) -> str:
         """The thinking, the closing tag and the answer (the EOS token is added as an id)."""
@@ -140,9 +194,13 @@ class PromptFormat:
             return f"{cot}\n{THINK_CLOSE}\n\n{response}"
         return f"{cot}\n{THINK_CLOSE}\n{response}\n"
 
+    def sample_prompt(self, sample: Sample) -> str:
+        """The prompt of a sample: its system message, earlier turns and last question."""
+        return self.prompt(sample.question, sample.system, sample.history)
+
     def full_text(self, sample: Sample) -> str:
         """The whole training text of a sample: prompt + completion."""
-        return self.prompt(sample.question) + self.completion(sample.cot, sample.response)
+        return self.sample_prompt(sample) + self.completion(sample.cot, sample.response)
 
 
 def split_thinking(generated: str) -> tuple[str, str, bool]:
@@ -168,106 +226,29 @@ def resolve_data_path(path: str) -> str:
     return path
 
 
-def _local_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS)
-        if not files:
-            raise UserError(f"{path}: folder holds no .json/.jsonl/.csv/.parquet files")
-        kinds = {LOCAL_FORMATS[p.suffix.lower()] for p in files}
-        if len(kinds) > 1:
-            raise UserError(f"{path}: folder mixes file formats ({', '.join(sorted(kinds))}); keep one format per folder")
-        return files
-    if path.suffix.lower() not in LOCAL_FORMATS:
-        raise UserError(f"{path}: unknown data format '{path.suffix}'; use .json, .jsonl, .csv or .parquet")
-    return [path]
-
-
-def _check_text_file(path: Path) -> None:
-    """Fail early, with a line number, on invalid UTF-8 or broken JSON lines."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line_no = 1
-    try:
-        fh = path.open("rb")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot be read ({exc.strerror})") from None
-    with fh:
-        for raw in fh:
-            try:
-                text = decoder.decode(raw)
-            except UnicodeDecodeError as exc:
-                raise UserError(f"{path}: line {line_no} is not valid UTF-8 (byte {exc.start} of the line); re-save the file as UTF-8") from None
-            if path.suffix.lower() == ".jsonl" and text.strip():
-                try:
-                    json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}: line {line_no} is not valid JSON ({exc.msg}); fix or remove that line") from None
-            line_no += 1
-
-
-def _load_table(path: str, subset: str | None, split: str) -> Any:
-    import datasets
-
-    datasets.disable_progress_bars()
-    local = Path(path).expanduser()
-    looks_local = local.exists() or local.suffix.lower() in LOCAL_FORMATS or path.startswith((".", "/", "~"))
-    if looks_local:
-        if not local.exists():
-            raise UserError(f"data file {path} not found")
-        files = _local_files(local)
-        for file in files:
-            if file.suffix.lower() in (".json", ".jsonl", ".csv"):
-                _check_text_file(file)
-        kind = LOCAL_FORMATS[files[0].suffix.lower()]
-        try:
-            return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-        except Exception as exc:  # datasets wraps parser errors in several types
-            raise UserError(f"{path}: could not be read as {kind} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    try:
-        return datasets.load_dataset(path, subset, split=split)
-    except ValueError as exc:
-        raise UserError(f"data set {path} (subset {subset}, split {split}): {str(exc).splitlines()[0][:300]}") from None
-    except Exception as exc:  # the hub client's and datasets' many error types: hub_failure tells them apart
-        raise UserError(f"{hub_failure(exc, repr(path))} (data.path; a local .jsonl/.csv/.parquet file or folder "
-                        f"needs no Hub)") from None
-
-
 def load_samples(path: str, cfg: DataConfig, split: str | None = None) -> tuple[list[Sample], DataReport]:
-    """Read rows into Samples, skipping (or, with strict, refusing) empty and non-text fields."""
+    """Read rows into Samples (format detected or `data.format`), skipping (or, with strict, refusing) bad rows."""
     source = resolve_data_path(path)
-    table = _load_table(source, cfg.subset, split or cfg.split)
-    wanted = {"question": cfg.question_column, "cot": cfg.cot_column, "response": cfg.response_column}
-    found = list(table.column_names)
-    missing = [col for col in wanted.values() if col not in found]
-    if missing:
-        hints = []
-        unused = [c for c in found if c not in wanted.values()]
-        for role, col in wanted.items():
-            if col in missing:
-                close = did_you_mean(col, unused)
-                guess = close.split(chr(39))[1] if close else (unused[0] if unused else "<column>")
-                unused = [c for c in unused if c != guess]
-                key = {"question": "question_column", "cot": "cot_column", "response": "response_column"}[role]
-                hints.append(f"data.{key}={guess}")
-        raise UserError(
-            f"{path}: missing column(s) {', '.join(missing)}; columns found: {', '.join(found) or 'none'}; "
-            f"map them with e.g. {' '.join(hints)}"
-        )
-    report = DataReport(source=path)
+    rows = read_rows(source, cfg.subset, split or cfg.split)
+    mapping = detect(rows.columns, cfg, path)
+    report = DataReport(source=path, format_notice=f"format of {path}: {mapping.notice()}")
     samples: list[Sample] = []
-    for row_no, row in enumerate(table, start=1):
+    for row_no, (line_no, row) in enumerate(rows.rows, start=1):
         report.rows_read += 1
-        values = {role: row[col] for role, col in wanted.items()}
-        bad = [wanted[role] for role, v in values.items() if not isinstance(v, str) or not v.strip()]
-        if bad:
+        sample = convert(row, mapping)
+        if isinstance(sample, str):
+            where = f"line {line_no}; " if rows.unit == "line" else ""
             if cfg.strict:
-                raise UserError(f"{path}: row {row_no} has an empty or non-text {', '.join(bad)} (data.strict is on; fix the row or turn strict off to skip it)")
+                raise UserError(f"{path}: row {row_no} has {sample} ({where}data.strict is on; fix the row or turn strict off to skip it)")
             report.skipped_bad += 1
+            report.first_skip = report.first_skip or f"row {row_no} has {sample}"
             continue
-        samples.append(Sample(values["question"].strip(), values["cot"].strip(), values["response"].strip()))
+        samples.append(sample)
         if cfg.max_rows and len(samples) >= cfg.max_rows:
             break
     if not samples:
-        raise UserError(f"{path}: no usable rows ({report.rows_read} read, {report.skipped_bad} with empty or non-text fields)")
+        raise UserError(f"{path}: no usable rows ({report.rows_read} read, {report.skipped_bad} with empty or non-text fields)"
+                        + (f"; {report.first_skip}" if report.first_skip else ""))
     return samples, report
 
 
@@ -280,25 +261,57 @@ def eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
-def tokenize_sample(sample: Sample, fmt: PromptFormat, tokenizer: Any, train_on: str = "completion") -> Example:
-    """Prompt ids (as at inference) + completion ids + EOS; labels mask the prompt unless train_on='all'."""
-    prompt_ids = tokenizer(fmt.prompt(sample.question), add_special_tokens=True)["input_ids"]
+def adds_special_tokens(tokenizer: Any, text: str) -> bool:
+    """Whether to let the tokenizer add its special tokens to a prompt: not when the text already starts with
+    the BOS (a chat template rendered it), or a BOS-adding tokenizer would put a second one in front."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (isinstance(bos, str) and bos and text.startswith(bos))
+
+
+def encode_prompt(tokenizer: Any, text: str | list[str], **kwargs: Any) -> Any:
+    """Tokenise a prompt (or a batch of one template's prompts) as training did: one BOS at most."""
+    first = text if isinstance(text, str) else (text[0] if text else "")
+    return tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer, first), **kwargs)
+
+
+def tokenize_sample(sample: Sample, fmt: PromptFormat, tokenizer: Any, train_on: str = "completion",
+                    loss_turns: str = "last") -> Example:
+    """Prompt ids (as at inference) + completion ids + EOS; labels mask the prompt unless train_on='all'.
+
+    With loss_turns='all' the earlier assistant turns inside the prompt are targets too (found by
+    character offsets, so the prompt's ids stay those of inference).
+    """
+    want_spans = train_on != "all" and loss_turns == "all" and any(t.role == "assistant" for t in sample.history)
+    prompt, spans = fmt.render_prompt(sample.question, sample.system, sample.history, want_spans)
+    if spans and not getattr(tokenizer, "is_fast", False):
+        raise UserError("data.loss_turns=all needs a fast (Rust) tokenizer to locate the earlier turns; use data.loss_turns=last")
+    encoded = encode_prompt(tokenizer, prompt, return_offsets_mapping=True) if spans else encode_prompt(tokenizer, prompt)
+    prompt_ids = list(encoded["input_ids"])
     completion_ids = tokenizer(fmt.completion(sample.cot, sample.response), add_special_tokens=False)["input_ids"]
     completion_ids = list(completion_ids) + [eos_id(tokenizer)]
-    input_ids = list(prompt_ids) + completion_ids
+    input_ids = prompt_ids + completion_ids
     if train_on == "all":
-        labels = list(input_ids)
-    else:
-        labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-    return Example(input_ids, labels)
+        return Example(input_ids, list(input_ids))
+    prompt_labels = [IGNORE_INDEX] * len(prompt_ids)
+    for k, (start, end) in enumerate(encoded["offset_mapping"] if spans else []):
+        if end > start and any(a <= start < b for a, b in spans):
+            prompt_labels[k] = prompt_ids[k]
+    return Example(input_ids, prompt_labels + completion_ids)
 
 
 def build_examples(samples: Sequence[Sample], fmt: PromptFormat, tokenizer: Any, cfg: DataConfig,
                    report: DataReport) -> list[Example]:
-    """Tokenise every sample, applying the overlong policy and filling the report."""
+    """Tokenise every sample, applying the overlong policy and filling the report.
+
+    A row longer than max_seq_length loses its end (EOS, and often the answer and </think>) when cut,
+    so with overlong=error (the default) any such row stops here with the fixes; truncate is the opt-in.
+    """
+    tokenized = [tokenize_sample(sample, fmt, tokenizer, cfg.train_on, cfg.loss_turns) for sample in samples]
+    over = sum(1 for ex in tokenized if len(ex.input_ids) > cfg.max_seq_length)
+    if over and cfg.overlong == "error":
+        raise UserError(overlong_message(report.source, [len(ex.input_ids) for ex in tokenized], over, cfg.max_seq_length))
     examples: list[Example] = []
-    for sample in samples:
-        ex = tokenize_sample(sample, fmt, tokenizer, cfg.train_on)
+    for ex in tokenized:
         if len(ex.input_ids) > cfg.max_seq_length:
             if cfg.overlong == "drop":
                 report.dropped_overlong += 1
@@ -317,6 +330,15 @@ def build_examples(samples: Sequence[Sample], fmt: PromptFormat, tokenizer: Any,
             f"{report.source}: every row is longer than data.max_seq_length={cfg.max_seq_length} ({why} data.max_seq_length)"
         )
     return examples
+
+
+def overlong_message(source: str, lengths: Sequence[int], over: int, limit: int) -> str:
+    ordered = sorted(lengths)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return (f"{source}: {over} of {len(ordered)} rows are longer than data.max_seq_length={limit} tokens (p95 length "
+            f"{p95}, longest {ordered[-1]}); cutting them would remove their EOS and often the answer and </think>: "
+            f"raise data.max_seq_length (to {ordered[-1]} to keep every row) or set data.overlong: drop "
+            f"(data.overlong: truncate trains on the cut rows anyway)")
 
 
 def carve_eval(samples: list[Sample], size: int | float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -447,19 +469,28 @@ def length_histogram(lengths: Sequence[int], bins: int = 10, width: int = 40) ->
 
 
 def render_loss_span(example: Example, tokenizer: Any) -> str:
-    """Decode an example with the trained span wrapped in [[LOSS> ... <LOSS]]."""
+    """Decode an example with the trained span wrapped in [[LOSS> ... <LOSS]].
+
+    Byte-level tokens can end inside a multi-byte character; a span's edge moves on to the next
+    whole character, and bytes of a character cut off by truncation are left out, so the preview
+    never shows a split character.
+    """
+    ids = list(example.input_ids)
+    flags = [lab != IGNORE_INDEX for lab in example.labels]
+    edges = [k for k in range(1, len(ids)) if flags[k] != flags[k - 1]] + [len(ids)]
     parts: list[str] = []
-    current: list[int] = []
-    in_loss = None
-    for tok, lab in zip(example.input_ids, example.labels):
-        flag = lab != IGNORE_INDEX
-        if in_loss is not None and flag != in_loss:
-            parts.append(_wrap(tokenizer.decode(current), in_loss))
-            current = []
-        current.append(tok)
-        in_loss = flag
-    if current:
-        parts.append(_wrap(tokenizer.decode(current), bool(in_loss)))
+    shown, start = "", 0
+    for edge in edges:
+        if edge <= start:
+            continue
+        text = tokenizer.decode(ids[:edge])
+        while text.endswith("\ufffd") and edge < len(ids):
+            edge += 1
+            text = tokenizer.decode(ids[:edge])
+        if edge == len(ids):
+            text = text.rstrip("\ufffd")
+        parts.append(_wrap(text[len(shown):], flags[start]))
+        shown, start = text, edge
     return "".join(parts)
 
 

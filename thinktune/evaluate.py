@@ -137,7 +137,7 @@ def completion_loss(model: Any, examples: list[Any], tokenizer: Any, batch_size:
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "loss_tokens": tokens}
 
 
-def greedy_answers(model: Any, tokenizer: Any, fmt: PromptFormat, questions: Sequence[str], max_new_tokens: int,
+def greedy_answers(model: Any, tokenizer: Any, fmt: PromptFormat, questions: Sequence[Sample], max_new_tokens: int,
                    label: str, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[FormatScore]]:
     from thinktune.generation import answer_batch
 
@@ -151,7 +151,7 @@ def greedy_answers(model: Any, tokenizer: Any, fmt: PromptFormat, questions: Seq
     return results, scores
 
 
-def measure(model: Any, tokenizer: Any, fmt: PromptFormat, examples: list[Any], questions: Sequence[str],
+def measure(model: Any, tokenizer: Any, fmt: PromptFormat, examples: list[Any], questions: Sequence[Sample],
             max_new_tokens: int, batch_size: int, amp_dtype: Any, label: str,
             log: Callable[[str], None]) -> tuple[dict[str, float], list[dict[str, Any]]]:
     t0 = time.perf_counter()
@@ -192,13 +192,13 @@ def run_eval(config: RunConfig | str | Path | None = None, adapter: str | Path |
     trust = trust_remote_code or cfg.model.trust_remote_code  # the flag, or the user's own YAML (never a saved file)
     model, tokenizer, model_cfg = load_with_adapter(folder, base or (cfg.model.name_or_path if folder is None else None),
                                                     trust_remote_code=trust)
-    fmt = PromptFormat(template or cfg.data.template, tokenizer)
+    fmt = PromptFormat(template or cfg.data.template, tokenizer, cfg.data.instruction, cfg.data.history_thinking)
     report = DataReport(source=source, rows_read=len(samples))
     examples = build_examples(samples, fmt, tokenizer, cfg.data, report)
     budget = max_new_tokens or auto_budget(samples, fmt, tokenizer)
     amp = precision_dtype(cfg.train.precision, model.device) if model.device.type == "cuda" else None
     bsz = batch_size or cfg.train.batch_size
-    questions = [s.question for s in samples] if generations else []
+    questions = list(samples) if generations else []
     log(f"eval: {len(samples)} held-out rows from {source}; greedy, max_new_tokens {budget}; "
         f"{'base vs tuned' if folder and with_base else 'tuned' if folder else 'base'}")
     torch.manual_seed(0)

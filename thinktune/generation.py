@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from thinktune.checkpoint import read_run_config
-from thinktune.data import PromptFormat, eos_id, split_thinking
+from thinktune.data import PromptFormat, Sample, encode_prompt, eos_id, split_thinking
 from thinktune.errors import UserError
 from thinktune.export import load_with_adapter
 
@@ -36,13 +36,25 @@ class Answer:
         return asdict(self)
 
 
-def template_of(adapter_dir: str | Path | None, template: str | None) -> str:
-    if template:
-        return template
+def saved_data_config(adapter_dir: str | Path | None) -> dict[str, Any]:
+    """The `data` section of the run config saved beside a thinktune adapter ({} for a foreign adapter)."""
     saved = read_run_config(Path(adapter_dir)) if adapter_dir else None
-    if saved is not None:
-        return saved["data"].get("template", "seed-zh")
-    return "seed-zh"
+    return saved.get("data", {}) if saved is not None else {}
+
+
+def template_of(adapter_dir: str | Path | None, template: str | None) -> str:
+    return template or saved_data_config(adapter_dir).get("template", "seed-zh")
+
+
+def prompt_format(adapter_dir: str | Path | None, template: str | None, tokenizer: Any) -> PromptFormat:
+    """The adapter's training prompt format: its template (unless overridden), instruction and history switch."""
+    data = saved_data_config(adapter_dir)
+    return PromptFormat(template or data.get("template", "seed-zh"), tokenizer, data.get("instruction"),
+                        data.get("history_thinking", "drop"))
+
+
+def _prompt(fmt: PromptFormat, question: str | Sample) -> str:
+    return fmt.prompt(question) if isinstance(question, str) else fmt.sample_prompt(question)
 
 
 class _Printer:
@@ -83,7 +95,7 @@ def _to_answer(question: str, new_ids: list[int], tokenizer: Any) -> Answer:
 def answer(model: Any, tokenizer: Any, fmt: PromptFormat, question: str, max_new_tokens: int = 512,
            temperature: float = 0.0, top_p: float = 0.95, on_text: Callable[[str], None] | None = None) -> Answer:
     """Generate one answer (greedy when temperature is 0), streaming text pieces to on_text."""
-    inputs = tokenizer(fmt.prompt(question), return_tensors="pt").to(model.device)
+    inputs = encode_prompt(tokenizer, fmt.prompt(question), return_tensors="pt").to(model.device)
     kwargs = _generation_kwargs(tokenizer, max_new_tokens, temperature, top_p)
     if on_text is not None:
         kwargs["streamer"] = _Printer(tokenizer, on_text).streamer
@@ -92,20 +104,22 @@ def answer(model: Any, tokenizer: Any, fmt: PromptFormat, question: str, max_new
 
 
 @torch.no_grad()
-def answer_batch(model: Any, tokenizer: Any, fmt: PromptFormat, questions: list[str], max_new_tokens: int = 512,
+def answer_batch(model: Any, tokenizer: Any, fmt: PromptFormat, questions: list[str] | list[Sample], max_new_tokens: int = 512,
                  temperature: float = 0.0, top_p: float = 0.95, batch_size: int = 8) -> list[Answer]:
     """Answer several questions, `batch_size` at a time (left-padded prompts; same tokens as one by one, up to
-    floating-point ties)."""
+    floating-point ties). A Sample is prompted with its system message and earlier turns."""
     answers: list[Answer] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         for i in range(0, len(questions), batch_size):
             chunk = questions[i: i + batch_size]
-            inputs = tokenizer([fmt.prompt(q) for q in chunk], return_tensors="pt", padding=True).to(model.device)
+            prompts = [_prompt(fmt, q) for q in chunk]
+            inputs = encode_prompt(tokenizer, prompts, return_tensors="pt", padding=True).to(model.device)
             output = model.generate(**inputs, **_generation_kwargs(tokenizer, max_new_tokens, temperature, top_p))
             width = inputs["input_ids"].shape[1]
-            answers += [_to_answer(q, output[row, width:].tolist(), tokenizer) for row, q in enumerate(chunk)]
+            answers += [_to_answer(q if isinstance(q, str) else q.question, output[row, width:].tolist(), tokenizer)
+                        for row, q in enumerate(chunk)]
     finally:
         tokenizer.padding_side = side
     return answers
@@ -167,7 +181,7 @@ def generate(questions: Iterable[str], adapter: str | None = None, base: str | N
     trust_remote_code: the user's permission for the model's own code (never read from the adapter folder).
     """
     model, tokenizer, _ = load_with_adapter(adapter, base, trust_remote_code=trust_remote_code)
-    fmt = PromptFormat(template_of(adapter, template), tokenizer)
+    fmt = prompt_format(adapter, template, tokenizer)
     results = []
     for question in questions:
         out(f"\n### {question}")

@@ -43,7 +43,7 @@ def data_statistics(cfg: Any, output_dir: Path) -> tuple[list[dict[str, Any]], s
     try:
         source = ModelSource(str(output_dir)) if (output_dir / "tokenizer_config.json").is_file() else resolve_source(cfg.model)
         tokenizer = load_tokenizer(source)  # never trust_remote_code from a saved config
-        fmt = PromptFormat(cfg.data.template, tokenizer)
+        fmt = PromptFormat.from_config(cfg.data, tokenizer)
         splits = load_splits(cfg.data, cfg.train.seed)
         pairs = [(splits.train, splits.train_report)]
         if splits.eval_kind != "none" or cfg.data.eval_size:

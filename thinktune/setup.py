@@ -46,7 +46,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
     """Load tokenizer, data and model; attach adapters. Data errors surface before the model loads."""
     source = resolve_source(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
-    fmt = PromptFormat(cfg.data.template, tokenizer)
+    fmt = PromptFormat.from_config(cfg.data, tokenizer)
     splits = load_splits(cfg.data, cfg.train.seed)
     assert splits.train_report is not None
     reports = [splits.train_report] + ([splits.eval_report] if splits.eval_kind == "file" else [])
@@ -141,7 +141,7 @@ def preview_data(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(resolve_source(cfg.model), cfg.model.trust_remote_code)
-    fmt = PromptFormat(cfg.data.template, tokenizer)
+    fmt = PromptFormat.from_config(cfg.data, tokenizer)
     samples, report = load_samples(cfg.data.path, cfg.data)
     examples = build_examples(samples, fmt, tokenizer, cfg.data, report)
     for i, ex in enumerate(examples[: args.examples]):
