@@ -255,6 +255,8 @@ class FastPath:
     norms: int = 0
     packed_attention: bool = False
     compiled_layers: int = 0
+    loss_kernel: str = "chunked"
+    """Which fused linear cross-entropy the loss runs (`kernels.fused_linear_cross_entropy`'s impl)."""
     memory: MemoryPlan | None = None
     notes: list[str] = field(default_factory=list)
 

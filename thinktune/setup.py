@@ -19,6 +19,7 @@ from thinktune.config import RunConfig
 from thinktune.data import DataReport, Example, PromptFormat, build_examples, load_splits
 from thinktune.errors import UserError
 from thinktune.fastpath import FastPath, apply_fast_path, compile_layers, fast_path_supported, lora_layer_mapping
+from thinktune.kernels import liger_available
 from thinktune.lora import attach_lora
 from thinktune.memory.planner import MemoryPlan, plan_memory
 from thinktune.memory.shapes import ModelShape
@@ -83,13 +84,24 @@ def prepare_model(cfg: RunConfig, model: Any, device: torch.device, log: Callabl
         checkpointing = gc is True or (gc == "auto" and device.type == "cuda")
         return attach_lora(model, cfg.lora, cfg.train.seed, checkpointing), None
     model = attach_lora(model, cfg.lora, cfg.train.seed, False, custom_modules=lora_layer_mapping())
+    if memory_budget_bytes is None and cfg.train.memory_budget is not None:
+        memory_budget_bytes = int(cfg.train.memory_budget * 2**30)
     plan = memory_plan(cfg, model, device, memory_budget_bytes)
     fast = apply_fast_path(model, plan, device, fused_mlp=cfg.lora.dropout == 0)
     # auto: where compiling was measured faster: one CUDA process, no layer recomputed
     measured = device.type == "cuda" and plan.checkpointed_layers == 0 and os.environ.get("WORLD_SIZE", "1") == "1"
     if cfg.train.compile is True or (cfg.train.compile == "auto" and measured):
         fast.compiled_layers = compile_layers(model)
+    fast.loss_kernel = pick_loss_kernel(cfg.train.loss_kernel, device)
     return model, fast
+
+
+def pick_loss_kernel(choice: str, device: torch.device) -> str:
+    """The fused linear cross-entropy implementation for train.loss_kernel on `device`."""
+    if choice == "liger" and not liger_available(device):
+        raise UserError("train.loss_kernel=liger needs CUDA and liger-kernel installed "
+                        "(pip install liger-kernel); use auto or chunked")
+    return "chunked" if choice == "auto" else choice
 
 
 def memory_plan(cfg: RunConfig, model: Any, device: torch.device, budget_bytes: int | None = None) -> MemoryPlan:
