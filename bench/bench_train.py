@@ -266,7 +266,7 @@ def thinktune_step_fn(row: Row, model: Any, device: torch.device, amp: torch.dty
     train.update(sets)
     cfg = config_from_dict({"lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": SEVEN},
                             "data": {"max_seq_length": seq_len}, "train": train})
-    peft_model, fast = prepare_model(cfg, model, device, log.append)
+    peft_model, fast = prepare_model(cfg, model, device, log.append, fixed_shapes=shape != "var")
     params = list(adapter_parameters(peft_model).values())
     optimizer = build_optimizer(params, cfg, device, log.append)
     fused, why = fused_loss_applies(peft_model, fast) if fast is not None else (False, "fast path off")
