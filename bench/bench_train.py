@@ -95,8 +95,8 @@ ROWS: dict[str, Row] = {
     "tt_auto": Row("thinktune", "thinktune, auto plan on the whole card", checkpointing="auto"),
     "tt_q7": Row("thinktune", "thinktune QLoRA, auto plan at 7.05 GiB", quant=True, checkpointing="auto",
                  budget_gib=7.05),
-    "tt_qlean": Row("thinktune", "thinktune QLoRA, auto plan at 6.0 GiB (lean)", quant=True, checkpointing="auto",
-                    budget_gib=6.0),
+    "tt_qlean": Row("thinktune", "thinktune QLoRA, auto plan at 6.0 GiB (lean), thinktune's default 8-bit AdamW",
+                    quant=True, checkpointing="auto", budget_gib=6.0, train={"optimizer": "adamw_8bit"}),
     "tt_var": Row("thinktune", "thinktune, packed, auto plan at the HF var row's peak (--budget-gib)",
                   checkpointing="auto"),
 }

@@ -1,7 +1,7 @@
 """Activation formulas, per training path: what one decoder layer keeps for backward, its transient
 peak, and the LM head + loss.
 
-Two paths, as setup.prepare_model builds them: "fast" (thinktune.fastpath: fused LoRA projections,
+Two paths, as setup.prepare_model builds them: "fast" (thinktune.fastpath: one-node LoRA projections,
 SwiGLU and RMSNorm, packed per-document attention) and "peft" (PEFT LoRA layers, transformers
 modules). `layer_saved_per_token` / `layer_transient_per_token` / `loss_bytes` are the estimator's
 exact accounting (checked against what autograd saves); `layer_bytes` / `checkpoint_bytes` /

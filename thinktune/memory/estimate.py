@@ -5,7 +5,7 @@
 activations, logits/loss, workspace), plus what the card needs beyond it (CUDA context,
 allocator slack), and the smallest common card that holds it. Every term is a formula of the
 config's widths; the activation terms follow what `step.TrainStep` really keeps on either
-path: the fast path (thinktune.fastpath: fused LoRA projections, SwiGLU and RMSNorm, packed
+path: the fast path (thinktune.fastpath: one-node LoRA projections, memory-saving SwiGLU and RMSNorm, packed
 per-document attention, memory.planner's choice of recomputed layers, lean host offload) or the
 PEFT path (PEFT LoRA layers under bf16 autocast, transformers modules); SDPA attention;
 non-reentrant checkpointing of whole decoder layers; the chunked fused linear cross-entropy

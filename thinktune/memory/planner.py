@@ -9,7 +9,7 @@ host memory (looked up on the CPU, its rows copied over), then the checkpointed 
 inputs are offloaded to host memory too.
 
 Estimates are per micro-batch of `tokens` tokens, from the model's shape (memory.shapes), for
-thinktune's fast path (fused LoRA MLP, RMSNorm and linear cross-entropy), with the formulas of
+thinktune's fast path (memory-saving LoRA MLP and RMSNorm nodes, fused linear cross-entropy), with the formulas of
 memory.activations; calibrated against the 7B benchmark (bench/bench_train.py). The estimator
 (memory.estimate) asks this planner which layers `auto` recomputes. This module does arithmetic
 only: it never touches a model, a GPU or data; setup.memory_plan measures, thinktune.fastpath
