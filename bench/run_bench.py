@@ -6,7 +6,8 @@ Unsloth rows get `--unsloth-site` prepended to PYTHONPATH (its wheels live in a 
 see scripts/fetch_gpu_wheels.sh), so every other row runs on the plain stack. tt_var's memory budget
 is the peak the hf var row just measured (thinktune at <= HF's memory).
 
-Table: real tokens/s (median of the timed steps), peak allocated and reserved GiB, first-step seconds
+Table: real tokens/s (median of the timed steps), peak allocated and reserved GiB, the memory plan's
+estimated peak (thinktune rows; the estimator gives the same plan, tests/memory), first-step seconds
 (torch.compile's cost shows here), torch.compile frames/graphs (a recompile storm shows as many), the ratio to the HF + PEFT baseline
 of the same workload (hf) and to Unsloth (unsloth, or unsloth_q for QLoRA rows) of the same workload.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,20 +39,20 @@ class Job:
     sets: tuple[str, ...] = field(default=())
 
 
-DEFAULT_JOBS = [
+DEFAULT_JOBS = [  # the issue's targets first, so that a run cut short still has them
     Job("hf", "hf", "2x2048"),
-    Job("hf_nogc", "hf_nogc", "2x2048"),
-    Job("hf_liger", "hf_liger", "2x2048"),
     Job("unsloth", "unsloth", "2x2048"),
-    Job("unsloth_q", "unsloth_q", "2x2048"),
     Job("tt_16g", "tt_16g", "2x2048"),
     Job("tt_24g", "tt_24g", "2x2048"),
     Job("tt_auto", "tt_auto", "2x2048"),
+    Job("unsloth_q", "unsloth_q", "2x2048"),
     Job("tt_q7", "tt_q7", "2x2048"),
     Job("tt_qlean", "tt_qlean", "2x2048"),
     Job("hf_var", "hf", "var"),
-    Job("hf_flat_var", "hf_flat", "var"),
     Job("tt_var", "tt_var", "var"),
+    Job("hf_flat_var", "hf_flat", "var"),
+    Job("hf_nogc", "hf_nogc", "2x2048"),
+    Job("hf_liger", "hf_liger", "2x2048"),
 ]
 
 
@@ -122,24 +124,28 @@ def table(records: list[dict]) -> str:
     vers = next((r["versions"] for r in records if r.get("versions") and "tokens_per_s" in r), {})
     lines = [f"card: {', '.join(cards) or '?'}; {time.strftime('%Y-%m-%d')}; "
              + ", ".join(f"{k} {v}" for k, v in vers.items()),
-             f"{'row':<14} {'shape':<7} {'tok/s':>8} {'peak':>6} {'resv':>6} {'first s':>7} {'xHF':>5} {'xUns':>5}"
-             f" {'frames/gr':>9}  plan"]
+             f"{'row':<14} {'shape':<7} {'tok/s':>8} {'peak':>6} {'resv':>6} {'plan':>5} {'first s':>7} {'xHF':>5}"
+             f" {'xUns':>5} {'frames/gr':>9}  memory plan"]
     for r in records:
         if "tokens_per_s" not in r:
-            lines.append(f"{r['label']:<14} {r['shape']:<7} {'-':>8} {'-':>6} {'-':>6} {'-':>7} {'-':>5} {'-':>5}"
-                         f" {'-':>9}  ERROR {r.get('error', '')[:90]}")
+            lines.append(f"{r['label']:<14} {r['shape']:<7} {'-':>8} {'-':>6} {'-':>6} {'-':>5} {'-':>7} {'-':>5}"
+                         f" {'-':>5} {'-':>9}  ERROR {r.get('error', '')[:90]}")
             continue
 
         def num(v: float | None, fmt: str) -> str:
             return format(v, fmt) if v is not None else "-"
 
         plan = r.get("path", "")
+        estimated = re.search(r"estimated peak ([0-9.]+) of", plan)
         if r["impl"] == "thinktune":  # the memory plan is the informative part
-            plan = next((p for p in plan.split("; ") if "recompu" in p), plan)
+            plan = next((p for p in plan.split("; ") if "recompu" in p), plan).split(" (estimated")[0]
+            if "torch.compile" in r.get("path", ""):
+                plan += ", compiled"
             if r.get("sets"):
                 plan = " ".join(f"{k}={v}" for k, v in r["sets"].items()) + " | " + plan
         lines.append(f"{r['label']:<14} {r['shape']:<7} {r['tokens_per_s']:>8,.0f} {num(r.get('peak_gib'), '6.2f')} "
-                     f"{num(r.get('reserved_gib'), '6.2f')} {r['first_step_s']:>7.1f} {num(r.get('x_hf'), '5.2f')} "
+                     f"{num(r.get('reserved_gib'), '6.2f')} {estimated.group(1) if estimated else '-':>5} "
+                     f"{r['first_step_s']:>7.1f} {num(r.get('x_hf'), '5.2f')} "
                      f"{num(r.get('x_unsloth'), '5.2f')} {str(r.get('frames', 0)) + '/' + str(r.get('graphs', 0)):>9}"
                      f"  {plan[:110]}")
     return "\n".join(lines)
