@@ -214,7 +214,7 @@ def test_auto_checkpointing_recomputes_only_what_the_budget_forces():
 
 
 def test_matches_the_h200_measurements_in_the_readme():
-    """Peaks that bench/bench_train.py measured on an H200 (README, thinktune rows; no padding, fused AdamW)."""
+    """Peaks that bench/bench_train.py measured on an H200 on 2026-11-28 (thinktune rows; no padding, fused AdamW)."""
     seven = dict(model_config=PRESETS["r1-7b"], optimizer="adamw", padded=False)
     cases = [({"checkpointing": "off"}, 28.27), ({"checkpointing": "off", "batch": 8, "seq": 1024}, 41.66),
              ({"checkpointing": "auto", "budget_bytes": 22.55 * GIB}, 21.27),
