@@ -201,7 +201,7 @@ def test_dora_is_decided_once_for_the_plain_path(tiny_qwen2: Path):
     lines: list[str] = []
     base = load_base_model(ModelConfig(name_or_path=str(tiny_qwen2), device="cpu"))
     model, fast = prepare_model(run_cfg_with("auto", use_dora=True), base, CPU, log=lines.append)
-    assert fast is None and not any(isinstance(m, FusedSwiGLU) for m in model.modules())
+    assert fast is None and not any(isinstance(m, MemorySavingSwiGLU) for m in model.modules())
     assert any("DoRA" in line and "plain path" in line for line in lines)
     base = load_base_model(ModelConfig(name_or_path=str(tiny_qwen2), device="cpu"))
     with pytest.raises(UserError, match="DoRA"):
