@@ -50,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from thinktune.compat import enable_activation_checkpointing  # noqa: E402
 from thinktune.config import config_from_dict  # noqa: E402
 from thinktune.data import Example, collate, collate_packed, pack_by_tokens  # noqa: E402
 from thinktune.lora import adapter_parameters  # noqa: E402
@@ -211,7 +212,7 @@ def hf_step_fn(row: Row, model: Any, device: torch.device, amp: torch.dtype | No
 
         apply_liger_kernel_to_qwen2(model=model)
     if row.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)  # HF's own switch, whichever this version has
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=16, lora_dropout=0.0,
                                                   target_modules=SEVEN))
