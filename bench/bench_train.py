@@ -1,29 +1,33 @@
-"""Training speed and memory: thinktune's own step against HF + PEFT, on the 7B architecture.
+"""Training speed and memory of ONE configuration ("row") on the 7B architecture, in this process.
 
-Builds a random-init DeepSeek-R1-Distill-Qwen-7B (bench/r1_distill_qwen_7b.json; weights can't
-be downloaded and speed does not depend on their values) in bf16 on the GPU, then, in the same
-process and on the same weights:
+Each row runs in a fresh process (bench/run_bench.py starts one per row), so nothing a row does
+to the model -- compiled layers, swapped modules, patched classes (Liger, Unsloth), allocator
+state -- can reach another row. The model is a random-init DeepSeek-R1-Distill-Qwen-7B
+(bench/r1_distill_qwen_7b.json; weights can't be downloaded and speed does not depend on their
+values), bf16 on the GPU, LoRA r16 alpha16 dropout 0 on all seven projections.
 
-- the baseline: PEFT LoRA (r16, alpha16, dropout 0, all 7 projections) on the transformers
-  model, SDPA, gradient checkpointing, fused torch AdamW, bf16 autocast, `model(...).loss`;
-  variable-length batches are right-padded (as HF's collator does);
-- thinktune: `setup.prepare_model` (attach_lora + the fast path + the memory plan for
-  train.gradient_checkpointing=auto at a memory budget), `setup.build_optimizer` and
-  `step.TrainStep` with the SFT objective -- what `thinktune train` runs; variable-length steps are packed with
-  `data.pack_by_tokens` + `data.collate_packed` (train.packing=true).
+Rows (`ROWS`):
+- hf / hf_nogc / hf_q: HF transformers + PEFT (fp32 adapters, as PEFT makes them), SDPA, gradient
+  checkpointing on (off for hf_nogc; NF4 double-quant base for hf_q), fused torch AdamW, bf16
+  autocast, `model(...).loss` -- the HF Trainer recipe; variable-length steps right-padded.
+- hf_liger: hf + liger-kernel's `apply_liger_kernel_to_qwen2` (fused linear CE, RMSNorm, SwiGLU, RoPE).
+- hf_flat: hf with transformers' `DataCollatorWithFlattening` (padding-free rows) for the var workload.
+- unsloth / unsloth_q: Unsloth's `FastLanguageModel` (16-bit / 4-bit), `use_gradient_checkpointing=
+  "unsloth"`, the same step loop; the random weights are saved once to --model-dir for its loader.
+- tt_*: thinktune, through what `thinktune train` runs: `setup.prepare_model` (adapters, fast path,
+  memory plan for `train.memory_budget`), `setup.build_optimizer`, `step.TrainStep` with the SFT objective;
+  var steps packed with
+  `data.pack_by_tokens` + `data.collate_packed`. `--set key=value` overrides train.* fields.
 
-Then the same for 4-bit QLoRA (bitsandbytes NF4, double quantisation; the decoder's linears
-are quantised in place). Workloads: 2x2048, 8x1024 (random ids, every token a target), and
-"var": steps of 8 sequences (batch 2 x grad_accum 4) with lengths like a medical CoT set
-(85% in 300-1500 tokens, the rest up to 2048). Reported per row: real (non-pad) tokens/s as
-the median over >= 5 steps after warm-up, peak allocated memory, MFU (4N FLOP/token, N = all
-parameters: forward + input-gradient backward, no recompute) against a bf16 matmul ceiling
-measured in the same call, the ratio to the baseline row of the same workload, the card.
+Workloads (--shape): 2x2048, 8x1024 (random ids, every token a target), and var: steps of 8 sequences
+(batch 2 x grad_accum 4) with lengths like a medical CoT set (85% in 300-1500 tokens, the rest up to 2048).
+Recorded: real (non-pad) tokens/s as the median over --steps timed steps after --warmup steps, peak
+allocated and reserved GiB (weights included), the first step's seconds (compile time shows here),
+torch.compile's graph and recompile counts, the card and library versions.
 
-  GPU:  python bench/bench_train.py [--rows hf,tt_auto,...] [--shapes 2x2048,8x1024,var] [--out DIR]
-  CPU:  python bench/bench_train.py --cpu-smoke      # tiny config, same code paths, a few seconds
-
-Writes JSON to --out (default $OUT or bench-out/) and prints a short table last. Not collected by pytest.
+  GPU:  python bench/bench_train.py --row tt_24g --shape 2x2048 [--set compile=true] [--out rows.jsonl]
+  CPU:  python bench/bench_train.py --row tt_auto --cpu-smoke     # tiny model, same code path, seconds
+Not collected by pytest.
 """
 from __future__ import annotations
 
@@ -32,11 +36,13 @@ import gc
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from thinktune.compat import enable_activation_checkpointing  # noqa: E402
 from thinktune.config import config_from_dict  # noqa: E402
 from thinktune.data import Example, collate, collate_packed, pack_by_tokens  # noqa: E402
 from thinktune.lora import adapter_parameters  # noqa: E402
@@ -55,39 +62,45 @@ from thinktune.step import SingleProcess, TrainStep  # noqa: E402
 GIB = 2**30
 CONFIG_7B = Path(__file__).with_name("r1_distill_qwen_7b.json")
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SMOKE_OVERRIDES = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "vocab_size": 512}
 
 
 @dataclass(frozen=True)
 class Row:
     """One measured configuration: who runs the step, on which base, with which memory budget."""
 
-    name: str
-    impl: str  # "hf" | "thinktune"
+    impl: str  # "hf" | "unsloth" | "thinktune"
+    about: str
     quant: bool = False
-    checkpointing: Any = True  # thinktune: true | false | "auto"
-    budget: str = "card"  # thinktune auto: "card" | "baseline" (the HF row's peak) | "<GiB>"
-    fast_path: str = "auto"
-    compile: Any = "auto"
-    optimizer: str = "adamw"
-    about: str = ""
+    checkpointing: Any = True  # hf: on/off; thinktune: true | false | "auto"
+    liger: bool = False  # hf: liger-kernel's Qwen2 kernels
+    flatten: bool = False  # hf: DataCollatorWithFlattening (padding-free)
+    budget_gib: float | None = None  # thinktune: train.memory_budget (None: the card's free memory)
+    train: dict = field(default_factory=dict)  # thinktune: train.* settings
 
 
-ROWS = [
-    Row("hf", "hf", about="HF + PEFT LoRA, gradient checkpointing"),
-    Row("tt_plain", "thinktune", checkpointing=True, fast_path="off", about="thinktune, fast path off (PEFT path)"),
-    Row("tt_24g", "thinktune", checkpointing="auto", budget="baseline", about="fast path, auto at the baseline's peak"),
-    Row("tt_auto", "thinktune", checkpointing="auto", about="fast path, auto: the card's memory"),
-    Row("tt_auto_nc", "thinktune", checkpointing="auto", compile=False, about="tt_auto without torch.compile"),
-    Row("tt_gc", "thinktune", checkpointing=True, about="fast path, every layer recomputed"),
-    Row("hf_q", "hf", quant=True, about="HF + PEFT QLoRA (NF4), gradient checkpointing"),
-    Row("tt_qauto", "thinktune", quant=True, checkpointing="auto", about="fast path QLoRA, auto: the card's memory"),
-    Row("tt_qgc", "thinktune", quant=True, checkpointing=True, about="fast path QLoRA, every layer recomputed"),
-    Row("tt_q7", "thinktune", quant=True, checkpointing="auto", budget="7.0", about="fast path QLoRA, auto at 7.0 GiB"),
-    Row("tt_qlean", "thinktune", quant=True, checkpointing="auto", budget="6.5", about="fast path QLoRA, auto at 6.5 GiB (lean)"),
-    Row("tt_qlean8", "thinktune", quant=True, checkpointing="auto", budget="6.5", optimizer="adamw_8bit",
-        about="lean, with thinktune's default 8-bit AdamW"),
-]
-BASELINE = {False: "hf", True: "hf_q"}
+ROWS: dict[str, Row] = {
+    "hf": Row("hf", "HF + PEFT, gradient checkpointing (the baseline)"),
+    "hf_nogc": Row("hf", "HF + PEFT, no gradient checkpointing", checkpointing=False),
+    "hf_liger": Row("hf", "HF + PEFT + Liger kernels (fused linear CE), gradient checkpointing", liger=True),
+    "hf_flat": Row("hf", "HF + PEFT, padding-free (DataCollatorWithFlattening), gradient checkpointing",
+                   flatten=True),
+    "hf_q": Row("hf", "HF + PEFT QLoRA (NF4, double quant), gradient checkpointing", quant=True),
+    "unsloth": Row("unsloth", "Unsloth 16-bit LoRA (use_gradient_checkpointing='unsloth')"),
+    "unsloth_q": Row("unsloth", "Unsloth 4-bit QLoRA (use_gradient_checkpointing='unsloth')", quant=True),
+    "tt_plain": Row("thinktune", "thinktune, fast path off (the PEFT path), every layer recomputed",
+                    train={"fast_path": "off", "gradient_checkpointing": True}),
+    "tt_16g": Row("thinktune", "thinktune, auto plan at 16.1 GiB", checkpointing="auto", budget_gib=16.1),
+    "tt_24g": Row("thinktune", "thinktune, auto plan at 24 GiB", checkpointing="auto", budget_gib=24.0),
+    "tt_auto": Row("thinktune", "thinktune, auto plan on the whole card", checkpointing="auto"),
+    "tt_q7": Row("thinktune", "thinktune QLoRA, auto plan at 7.05 GiB", quant=True, checkpointing="auto",
+                 budget_gib=7.05),
+    "tt_qlean": Row("thinktune", "thinktune QLoRA, auto plan at 6.0 GiB (lean), thinktune's default 8-bit AdamW",
+                    quant=True, checkpointing="auto", budget_gib=6.0, train={"optimizer": "adamw_8bit"}),
+    "tt_var": Row("thinktune", "thinktune, packed, auto plan at the HF var row's peak (--budget-gib)",
+                  checkpointing="auto"),
+}
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -156,55 +169,114 @@ def quantize_nf4_(model: Any) -> None:
     torch.cuda.empty_cache()
 
 
-# ----------------------------------------------------------------------------- the two step functions
+# ----------------------------------------------------------------------------- the step functions
 
-def hf_step_fn(model: Any, device: torch.device, amp: torch.dtype | None) -> tuple[Callable, Any]:
-    """PEFT LoRA + gradient checkpointing + fused AdamW + autocast + model(...).loss (HF Trainer's recipe)."""
-    from peft import LoraConfig, get_peft_model
+StepFn = Callable[[list[list[Example]]], None]
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=16, lora_dropout=0.0,
-                                                  target_modules=SEVEN))
-    for p in peft_model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+
+def adapter_step(model: Any, params: list[torch.nn.Parameter], device: torch.device, amp: torch.dtype | None,
+                 flatten: bool = False) -> StepFn:
+    """HF Trainer's step: per micro-batch `model(**batch).loss / grad_accum` backward; clip; fused AdamW."""
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, fused=device.type == "cuda")
-    peft_model.train()
+    flattener = None
+    if flatten:
+        from transformers import DataCollatorWithFlattening
+
+        flattener = DataCollatorWithFlattening(return_position_ids=True)
+
+    def batch_of(examples: list[Example]) -> dict[str, torch.Tensor]:
+        if flattener is not None:
+            out = flattener([{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples])
+            return {k: v for k, v in out.items() if k in ("input_ids", "labels", "position_ids")}
+        return collate(examples, 0)
 
     def step(micro: list[list[Example]]) -> None:
         for examples in micro:
-            batch = {k: v.to(device) for k, v in collate(examples, 0).items()}
+            batch = {k: v.to(device) for k, v in batch_of(examples).items()}
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = peft_model(**batch, use_cache=False).loss / len(micro)
+                loss = model(**batch, use_cache=False).loss / len(micro)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, peft_model
+    return step
 
 
-def thinktune_step_fn(model: Any, device: torch.device, amp: torch.dtype | None, row: Row, shape: str,
-                      budget_bytes: int | None, seq: int, log: list[str]) -> tuple[Callable, Any, str]:
+def hf_step_fn(row: Row, model: Any, device: torch.device, amp: torch.dtype | None) -> tuple[StepFn, Any, str]:
+    """PEFT LoRA (+ checkpointing, + Liger, + flattening as the row says) on the transformers model."""
+    from peft import LoraConfig, get_peft_model
+
+    if row.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        apply_liger_kernel_to_qwen2(model=model)
+    if row.checkpointing:
+        enable_activation_checkpointing(model, use_reentrant=False)  # HF's own switch, whichever this version has
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=16, lora_dropout=0.0,
+                                                  target_modules=SEVEN))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    peft_model.train()
+    return adapter_step(peft_model, params, device, amp, row.flatten), peft_model, row.about
+
+
+def save_for_unsloth(model: Any, folder: Path) -> None:
+    """Write the random weights (and a small tokenizer) where Unsloth's loader can read them, once."""
+    done = folder / "complete"
+    if done.exists():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(1000)} | {"<|endoftext|>": 1000, "<|im_end|>": 1001}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                            unk_token="<|endoftext|>").save_pretrained(folder)
+    done.write_text("ok")
+
+
+def unsloth_step_fn(row: Row, model_dir: Path, seq: int, device: torch.device,
+                    amp: torch.dtype | None) -> tuple[StepFn, Any, str]:
+    """Unsloth's FastLanguageModel on the saved random weights, LoRA as everywhere, the same step loop."""
+    from unsloth import FastLanguageModel  # imported first: it patches transformers/peft on import
+
+    model, _tokenizer = FastLanguageModel.from_pretrained(
+        str(model_dir), max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=row.quant,
+        load_in_16bit=not row.quant, fix_tokenizer=False, use_gradient_checkpointing="unsloth")
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=SEVEN,
+                                             bias="none", use_gradient_checkpointing="unsloth", random_state=3407)
+    FastLanguageModel.for_training(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return adapter_step(model, params, device, amp), model, row.about
+
+
+def thinktune_step_fn(row: Row, model: Any, device: torch.device, amp: torch.dtype | None, shape: str,
+                      seq: int, budget_gib: float | None, sets: dict[str, Any],
+                      log: list[str]) -> tuple[StepFn, Any, str]:
     """What `thinktune train` builds: prepare_model -> build_optimizer -> TrainStep (packing for var)."""
     rows = 2 if shape == "var" else int(shape.split("x")[0])
     seq_len = seq if shape == "var" else int(shape.split("x")[1])
-    cfg = config_from_dict({
-        "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": SEVEN},
-        "data": {"max_seq_length": seq_len},
-        "train": {"batch_size": rows, "grad_accum": 4 if shape == "var" else 1, "optimizer": row.optimizer,
-                  "precision": "bf16" if amp is not None else "fp32", "gradient_checkpointing": row.checkpointing,
-                  "fast_path": row.fast_path, "compile": row.compile, "packing": shape == "var", "max_grad_norm": 1.0, "lr": 2e-4},
-    })
-    peft_model, fast = prepare_model(cfg, model, device, log.append, budget_bytes)
+    train = {"batch_size": rows, "grad_accum": 4 if shape == "var" else 1, "optimizer": "adamw",
+             "precision": "bf16" if amp is not None else "fp32", "gradient_checkpointing": row.checkpointing,
+             "packing": shape == "var", "max_grad_norm": 1.0, "lr": 2e-4, "memory_budget": budget_gib}
+    train.update(row.train)
+    train.update(sets)
+    cfg = config_from_dict({"lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": SEVEN},
+                            "data": {"max_seq_length": seq_len}, "train": train})
+    peft_model, fast = prepare_model(cfg, model, device, log.append, fixed_shapes=shape != "var")
     params = list(adapter_parameters(peft_model).values())
     optimizer = build_optimizer(params, cfg, device, log.append)
-    fused, why = fused_loss_applies(peft_model, fast) if cfg.train.fast_path != "off" else (False, "fast path off")
+    fused, why = fused_loss_applies(peft_model, fast) if fast is not None else (False, "fast path off")
+    if fast is not None:
+        why += f"; loss kernel {fast.loss_kernel}"
     offload = PinnedOffload() if fast is not None and fast.offload_checkpoints else None
-    train_step = TrainStep(CausalLMObjective(fused), optimizer, SingleProcess(), peft_model, device, amp,
-                           cfg.train.max_grad_norm, offload)
+    objective = CausalLMObjective(fused, fast.loss_kernel if fast is not None else "chunked")
+    train_step = TrainStep(objective, optimizer, SingleProcess(), peft_model, device, amp, cfg.train.max_grad_norm,
+                           offload)
     peft_model.train()
     budget_tokens = cfg.train.batch_size * cfg.data.max_seq_length
 
@@ -214,8 +286,7 @@ def thinktune_step_fn(model: Any, device: torch.device, amp: torch.dtype | None,
             batches = [collate_packed(g, 0) for g in pack_by_tokens(examples, budget_tokens)]
         else:
             batches = [collate(g, 0) for g in micro]
-        result = train_step(batches, lr=2e-4)
-        if result.skipped:
+        if train_step(batches, lr=2e-4).skipped:
             raise RuntimeError("non-finite step")
 
     return step, peft_model, why
@@ -228,25 +299,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_ceiling(device: torch.device) -> float:
-    """bf16 TFLOP/s of an 8192^3 product on random data (mean of 10 after 3 warm-ups)."""
-    if device.type != "cuda":
-        return float("nan")
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * 10 / (start.elapsed_time(end) / 1e3) / 1e12
-
-
-def measure(step: Callable, steps: list[list[list[Example]]], warmup: int, device: torch.device) -> dict:
-    """Run warm-up then timed steps; tokens/s is the median over timed steps of real tokens / seconds."""
+def measure(step: StepFn, steps: list[list[list[Example]]], warmup: int, device: torch.device) -> dict:
+    """Warm-up steps, then timed ones; tokens/s = median over timed steps of real tokens / seconds."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rates, times, first = [], [], 0.0
@@ -261,154 +315,115 @@ def measure(step: Callable, steps: list[list[list[Example]]], warmup: int, devic
         if i >= warmup:
             rates.append(real / dt)
             times.append(dt)
-    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else float("nan")
-    return {"tokens_per_s": statistics.median(rates), "step_s": statistics.median(times), "peak_gib": peak,
+    cuda = device.type == "cuda"
+    return {"tokens_per_s": statistics.median(rates), "step_s": statistics.median(times),
+            "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
+            "reserved_gib": torch.cuda.max_memory_reserved(device) / GIB if cuda else None,
             "steps_timed": len(rates), "first_step_s": first}
 
 
-def release(*objects: Any) -> None:
-    del objects
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "triton", "bitsandbytes", "liger-kernel", "unsloth"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
-def unwrap(peft_model: Any) -> Any:
-    """The base model again, adapters removed (not merged) and checkpointing off, for the next row."""
-    from thinktune.fastpath import HostEmbedding
-
-    base = peft_model.unload()
-    base.gradient_checkpointing_disable()
-    embedding = base.get_input_embeddings()
-    if isinstance(embedding, HostEmbedding):  # lean rows moved it to host memory: put it back
-        restored = torch.nn.Embedding(*embedding.weight.shape, padding_idx=embedding.padding_idx,
-                                      device=embedding.device, dtype=embedding.weight.dtype)
-        restored.weight.data.copy_(embedding.weight)
-        restored.weight.requires_grad_(False)
-        base.set_input_embeddings(restored)
+def compile_counts() -> dict[str, int]:
+    """torch.compile in this process: frames compiled, graphs made, graph breaks (0s when nothing compiled)."""
     try:
-        base.disable_input_require_grads()
-    except AttributeError:  # never enabled
-        pass
-    return base
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {"graphs": int(counters["stats"].get("unique_graphs", 0)), "frames": int(counters["frames"].get("total", 0)),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
-def budget_for(row: Row, results: list[dict], shape: str) -> int | None:
-    if row.checkpointing != "auto" or row.budget == "card":
-        return None
-    if row.budget == "baseline":
-        base = next((r for r in results if r["row"] == BASELINE[row.quant] and r["shape"] == shape and "peak_gib" in r), None)
-        return int(base["peak_gib"] * GIB) if base and base["peak_gib"] == base["peak_gib"] else None
-    return int(float(row.budget) * GIB)
-
-
-def run_row(row: Row, shape: str, model: Any, device: torch.device, amp: torch.dtype | None, args: argparse.Namespace,
-            results: list[dict], vocab: int) -> tuple[dict, Any]:
-    release()
-    record: dict[str, Any] = {"row": row.name, "shape": shape, "impl": row.impl, "quant": row.quant, "about": row.about}
-    steps = make_steps(shape, vocab, args.warmup + args.steps, args.seq, seed=1)
-    peft_model = None
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    row = ROWS[args.row]
+    smoke = args.cpu_smoke
+    device = torch.device("cpu") if smoke else torch.device("cuda", 0)
+    amp = None if smoke else torch.bfloat16
+    shape = args.shape
+    sets = dict(parse_set(s) for s in args.set)
+    record: dict[str, Any] = {"label": args.label or args.row, "row": args.row, "shape": shape, "impl": row.impl,
+                              "quant": row.quant, "about": row.about, "sets": sets,
+                              "card": "cpu" if smoke else torch.cuda.get_device_name(device),
+                              "date": time.strftime("%Y-%m-%d"), "versions": versions()}
+    budget = args.budget_gib if args.budget_gib is not None else row.budget_gib
+    if row.impl == "thinktune" and row.checkpointing == "auto":
+        record["budget_gib"] = budget
     log: list[str] = []
+    t0 = time.time()
     try:
-        if row.impl == "hf":
-            step, peft_model = hf_step_fn(model, device, amp)
+        steps = make_steps(shape, 512 if smoke else 152064, args.warmup + args.steps, args.seq, seed=1)
+        overrides = SMOKE_OVERRIDES if smoke else None
+        if row.impl == "unsloth":
+            folder = Path(args.model_dir)
+            if not (folder / "complete").exists():
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                if shutil.disk_usage(folder.parent).free < 20 * GIB:  # 15 GiB of bf16 weights
+                    folder = Path(tempfile.gettempdir()) / folder.name
+                model = build_model(CONFIG_7B, device, torch.bfloat16, overrides)
+                save_for_unsloth(model, folder)
+                del model
+                gc.collect()
+                torch.cuda.empty_cache()
+            step, model, path = unsloth_step_fn(row, folder, args.seq, device, amp)
         else:
-            budget = budget_for(row, results, shape)
-            if row.budget == "baseline" and budget is None and device.type == "cuda":
-                raise RuntimeError("needs the baseline row of this workload first")
-            record["budget_gib"] = round(budget / GIB, 2) if budget else None
-            step, peft_model, why = thinktune_step_fn(model, device, amp, row, shape, budget, args.seq, log)
-            record["path"] = why
-        record["trainable"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            model = build_model(CONFIG_7B, device, torch.float32 if smoke else torch.bfloat16, overrides)
+            if row.quant:
+                quantize_nf4_(model)
+            if row.impl == "hf":
+                step, model, path = hf_step_fn(row, model, device, amp)
+            else:
+                step, model, path = thinktune_step_fn(row, model, device, amp, shape, args.seq, budget, sets, log)
+        record["path"] = path
+        record["setup_s"] = round(time.time() - t0, 1)
         record.update(measure(step, steps, args.warmup, device))
-    except Exception as exc:  # record and go on: one failing row must not cost the others
-        record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        record.update(compile_counts())
+    except Exception as exc:  # noqa: BLE001 -- the record says what failed; the driver goes on
+        record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         traceback.print_exc()
     record["log"] = log[-6:]
-    step = None
-    if peft_model is not None:
-        model = unwrap(peft_model)
-    release(step, peft_model)
-    return record, model
+    record["wall_s"] = round(time.time() - t0, 1)
+    return record
 
 
-def add_ratios(results: list[dict], ceiling: float, params: int) -> None:
-    for r in results:
-        if "tokens_per_s" not in r:
-            continue
-        r["mfu"] = 4 * params * r["tokens_per_s"] / (ceiling * 1e12) if ceiling == ceiling else None
-        base = next((b for b in results if b["row"] == BASELINE[r["quant"]] and b["shape"] == r["shape"]
-                     and "tokens_per_s" in b), None)
-        r["ratio"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
-
-
-def table(results: list[dict], card: str, ceiling: float) -> str:
-    lines = [f"card: {card}; bf16 matmul ceiling {ceiling:.0f} TFLOP/s; MFU at 4N FLOP/token",
-             f"{'row':<9} {'shape':<7} {'tok/s':>8} {'peak GiB':>9} {'MFU':>5} {'x base':>7}  note"]
-    for r in results:
-        if "tokens_per_s" in r:
-            mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "-"
-            ratio = f"{r['ratio']:.2f}" if r.get("ratio") else "-"
-            lines.append(f"{r['row']:<9} {r['shape']:<7} {r['tokens_per_s']:>8,.0f} {r['peak_gib']:>9.2f} {mfu:>5} "
-                         f"{ratio:>7}  {r.get('budget_gib') or ''}")
-        else:
-            lines.append(f"{r['row']:<9} {r['shape']:<7} {'-':>8} {'-':>9} {'-':>5} {'-':>7}  {r.get('error', '')[:70]}")
-    return "\n".join(lines)
+def parse_set(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    return key.removeprefix("train."), {"true": True, "false": False, "null": None}.get(value, value)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated row names")
-    parser.add_argument("--shapes", default="2x2048,8x1024,var")
-    parser.add_argument("--only", default="", help="row:shape pairs to run, e.g. hf:2x2048,tt_auto:var (overrides)")
+    parser.add_argument("--row", required=True, choices=sorted(ROWS))
+    parser.add_argument("--shape", default="2x2048", help="2x2048, 8x1024, ... or var")
+    parser.add_argument("--label", default="", help="name in the table (default: the row)")
+    parser.add_argument("--set", action="append", default=[], help="thinktune rows: train.KEY=VALUE override")
+    parser.add_argument("--budget-gib", type=float, default=None, help="thinktune auto rows: train.memory_budget")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seq", type=int, default=2048, help="longest sequence of the var workload")
-    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script")
+    parser.add_argument("--model-dir", default="/dev/shm/r1-distill-7b-random", help="unsloth rows: saved weights")
+    parser.add_argument("--out", default="", help="append the record (one JSON line) to this file")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the code path")
     args = parser.parse_args(argv)
-
-    smoke = args.cpu_smoke
-    device = torch.device("cpu") if smoke else torch.device("cuda", 0)
-    amp = None if smoke else torch.bfloat16
-    overrides = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "vocab_size": 512} if smoke else None
-    shapes = ["2x64", "4x32", "var"] if smoke else args.shapes.split(",")
-    if smoke:
+    if args.cpu_smoke:
         args.seq, args.steps, args.warmup = 64, 2, 1
-    wanted = {r for r in args.rows.split(",") if r}
-    pairs = [(r, s) for r in ROWS if r.name in wanted for s in shapes]
-    if args.only:
-        only = {tuple(p.split(":")) for p in args.only.split(",")}
-        pairs = [(r, s) for r in ROWS for s in shapes if (r.name, s) in only]
-    if smoke:
-        pairs = [(r, s) for r, s in pairs if not r.quant]
-
-    card = "cpu" if smoke else torch.cuda.get_device_name(device)
-    ceiling = matmul_ceiling(device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(CONFIG_7B, device, torch.float32 if smoke else torch.bfloat16, overrides)
-    params = sum(p.numel() for p in model.parameters())
-    vocab = model.config.vocab_size
-    print(f"{card}: model {params / 1e9:.3f}B parameters, ceiling {ceiling:.0f} TFLOP/s", flush=True)
-    results: list[dict] = []
-    quantized = False
-    for row, shape in sorted(pairs, key=lambda p: (p[0].quant, ROWS.index(p[0]))):
-        if row.quant and not quantized:
-            quantize_nf4_(model)
-            quantized = True
-        t0 = time.time()
-        record, model = run_row(row, shape, model, device, amp, args, results, vocab)
-        record["wall_s"] = round(time.time() - t0, 1)
-        results.append(record)
-        print(json.dumps({k: v for k, v in record.items() if k != "log"}), flush=True)
-        add_ratios(results, ceiling, params)
-        (out_dir / ("bench_smoke.json" if smoke else "bench.json")).write_text(json.dumps(
-            {"card": card, "ceiling_tflops": ceiling, "params": params, "date": time.strftime("%Y-%m-%d"),
-             "torch": torch.__version__, "results": results}, indent=2))
-    print(table(results, card, ceiling))
-    return 0 if all("error" not in r for r in results) else 1
+        args.shape = {"2x2048": "2x64"}.get(args.shape, args.shape)
+    record = run(args)
+    line = json.dumps(record)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+    print("RECORD " + line, flush=True)
+    return 1 if "error" in record else 0
 
 
 if __name__ == "__main__":

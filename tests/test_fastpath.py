@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_config
 from thinktune.config import config_from_dict
 from thinktune.data import Example, collate, collate_packed, pack_by_tokens
-from thinktune.fastpath import FusedRMSNorm, FusedSwiGLU, HostEmbedding, fast_path_supported
+from thinktune.fastpath import MemorySavingRMSNorm, MemorySavingSwiGLU, HostEmbedding, fast_path_supported
 from thinktune.lora import adapter_parameters
 from thinktune.memory.planner import MemoryPlan
 from thinktune.model import load_base_model
@@ -50,12 +50,12 @@ def prepared(model_dir: Path, fast_path: str, checkpointing=False):
 def test_fast_path_swaps_modules_and_reports(tiny_qwen2: Path):
     model, fast = prepared(tiny_qwen2, "auto")
     assert fast is not None and fast.lora_layers == 14 and fast.mlps == 2 and fast.packed_attention
-    assert any(isinstance(m, FusedRMSNorm) for m in model.modules())
-    assert any(isinstance(m, FusedSwiGLU) for m in model.modules())
+    assert any(isinstance(m, MemorySavingRMSNorm) for m in model.modules())
+    assert any(isinstance(m, MemorySavingSwiGLU) for m in model.modules())
     fused, why = fused_loss_applies(model, fast)
-    assert fused and "fused LoRA on 14 projections" in why and "no recomputation" in why
+    assert fused and "one-node LoRA on 14 projections" in why and "no recomputation" in why
     plain, none = prepared(tiny_qwen2, "off")
-    assert none is None and not any(isinstance(m, FusedSwiGLU) for m in plain.modules())
+    assert none is None and not any(isinstance(m, MemorySavingSwiGLU) for m in plain.modules())
 
 
 def test_loss_curve_matches_plain_path_and_packing(tiny_qwen2: Path):
@@ -201,7 +201,7 @@ def test_dora_is_decided_once_for_the_plain_path(tiny_qwen2: Path):
     lines: list[str] = []
     base = load_base_model(ModelConfig(name_or_path=str(tiny_qwen2), device="cpu"))
     model, fast = prepare_model(run_cfg_with("auto", use_dora=True), base, CPU, log=lines.append)
-    assert fast is None and not any(isinstance(m, FusedSwiGLU) for m in model.modules())
+    assert fast is None and not any(isinstance(m, MemorySavingSwiGLU) for m in model.modules())
     assert any("DoRA" in line and "plain path" in line for line in lines)
     base = load_base_model(ModelConfig(name_or_path=str(tiny_qwen2), device="cpu"))
     with pytest.raises(UserError, match="DoRA"):

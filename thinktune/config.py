@@ -170,8 +170,12 @@ class TrainConfig:
     """Pack a step's sequences into rows without cross-attention (padding-free): true, false, or auto (on with the fast path's per-document attention)."""
     fast_path: Literal["auto", "on", "off"] = "auto"
     """thinktune's fused training path (fused linear cross-entropy, ...) when correct for the model."""
-    compile: bool | Literal["auto"] = False
-    """torch.compile each decoder layer on the fast path: false (default), true, or auto (on for one CUDA process when no layer is recomputed). Measured 1.18x on a 7B at 2x2048, ~11 s to compile, ~4 GiB more peak that the memory plan does not count yet."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each decoder layer on the fast path (inside its checkpoint when recomputed): true, false, or auto (one CUDA process, all examples one length; changing lengths ran slower compiled). The memory plan counts what it keeps."""
+    memory_budget: float | None = None
+    """GiB of GPU memory that gradient_checkpointing=auto plans for (e.g. 24 for a 24 GB card); None = what the GPU has free."""
+    loss_kernel: Literal["auto", "chunked", "liger"] = "auto"
+    """Fused linear cross-entropy on the fast path: chunked (thinktune's), liger (liger-kernel's Triton kernel, CUDA, when installed), or auto."""
     seed: int = 3407
     """Seed for adapter init, data order and dropout."""
     logging_steps: int = 10
@@ -206,6 +210,8 @@ class TrainConfig:
         _check_range("train.max_bad_steps", self.max_bad_steps, 1, 10**9)
         if self.save_total_limit is not None:
             _check_range("train.save_total_limit", self.save_total_limit, 1, 10**9)
+        if self.memory_budget is not None and not self.memory_budget > 0:
+            raise UserError(f"train.memory_budget must be a positive number of GiB (or null), got {self.memory_budget}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise UserError("train.epochs must be > 0 when train.max_steps is not set")
         if self.max_steps == 0 or self.max_steps < -1:

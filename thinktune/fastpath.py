@@ -6,16 +6,17 @@ save and load in the standard PEFT format):
 
 - LoRA projections: PEFT builds `FastLoraLinear` / `FastLoraLinear4bit` (subclasses of its
   own LoRA layers, registered through PEFT's custom-module mapping) whose forward is
-  `kernels.lora_linear` (no fp32 input copy; the update fused into the base GEMM; NF4 bases
-  dequantised on the fly). With LoRA dropout the base GEMM still runs there and the adapter
+  `kernels.lora_linear` (no fp32 input copy; the update accumulated into the base output by a second
+  GEMM, `addmm_`, instead of a separate [N, out] tensor; NF4 bases dequantised on the fly). With LoRA
+  dropout the base GEMM still runs there and the adapter
   branch takes the dropped input (dropout on the adapter's input only, as PEFT does).
   Whether the path fits the adapters is decided once, from the config
   (`LoraConfig.fast_path_obstacle`: DoRA and trainable biases do not); PEFT's own forward
   remains only for states training never enters (merged, disabled or several adapters,
   adapter_names).
-- SwiGLU MLPs -> `FusedSwiGLU` (`kernels.lora_mlp`: one node, gate/up outputs kept, the
+- SwiGLU MLPs -> `MemorySavingSwiGLU` (`kernels.lora_mlp`: one node, gate/up outputs kept, the
   product recomputed) when LoRA dropout is off (with dropout the MLP's three projections run
-  as above, one by one); RMSNorms of known formula -> `FusedRMSNorm` (`kernels.rms_norm`).
+  as above, one by one); RMSNorms of known formula -> `MemorySavingRMSNorm` (`kernels.rms_norm`).
 - Attention: sdpa becomes `kernels.packed_attention` (sdpa itself unless the batch is a
   packed row, then per-document causal attention).
 - Memory: `memory.planner.plan_memory` picks how many layers to recompute (the first ones)
@@ -196,8 +197,9 @@ def lora_layer_mapping() -> dict[type, Callable[..., nn.Module | None]]:
 
 # ----------------------------------------------------------------------------- norms, MLPs, embedding
 
-class FusedRMSNorm(nn.Module):
-    """Drop-in for Qwen2/Llama RMSNorm (same `weight` parameter) on `kernels.rms_norm`."""
+class MemorySavingRMSNorm(nn.Module):
+    """Drop-in for Qwen2/Llama RMSNorm (same `weight` parameter) on `kernels.rms_norm`: one autograd
+    node that saves x and the per-row rstd (not a fused kernel)."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
@@ -208,8 +210,9 @@ class FusedRMSNorm(nn.Module):
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-class FusedSwiGLU(nn.Module):
-    """Drop-in for a gate/up/down SiLU MLP (same child names) on `kernels.lora_mlp`."""
+class MemorySavingSwiGLU(nn.Module):
+    """Drop-in for a gate/up/down SiLU MLP (same child names) on `kernels.lora_mlp`: one autograd node
+    that keeps gate/up outputs and recomputes their product (not a fused kernel)."""
 
     def __init__(self, mlp: nn.Module):
         super().__init__()
@@ -255,6 +258,8 @@ class FastPath:
     norms: int = 0
     packed_attention: bool = False
     compiled_layers: int = 0
+    loss_kernel: str = "chunked"
+    """Which fused linear cross-entropy the loss runs (`kernels.fused_linear_cross_entropy`'s impl)."""
     memory: MemoryPlan | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -265,11 +270,11 @@ class FastPath:
     def describe(self) -> str:
         parts = []
         if self.lora_layers:
-            parts.append(f"fused LoRA on {self.lora_layers} projections")
+            parts.append(f"one-node LoRA on {self.lora_layers} projections")
         if self.mlps:
-            parts.append(f"fused SwiGLU in {self.mlps} MLPs")
+            parts.append(f"memory-saving SwiGLU in {self.mlps} MLPs")
         if self.norms:
-            parts.append(f"fused RMSNorm x{self.norms}")
+            parts.append(f"memory-saving RMSNorm x{self.norms}")
         if self.packed_attention:
             parts.append("per-document attention for packed rows")
         if self.compiled_layers:
@@ -305,7 +310,7 @@ def fast_path_supported(model: Any) -> tuple[bool, str]:
     mlp = getattr(first, "mlp", None)
     if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
         return False, "the MLP is not a gate/up/down SwiGLU"
-    if type(getattr(first, "input_layernorm", None)).__name__ not in RMSNORM_CLASSES | {"FusedRMSNorm"}:
+    if type(getattr(first, "input_layernorm", None)).__name__ not in RMSNORM_CLASSES | {"MemorySavingRMSNorm"}:
         return False, f"norm {type(getattr(first, 'input_layernorm', None)).__name__} has no fused twin"
     return True, f"{type(base).__name__} ({config.model_type})"
 
@@ -314,13 +319,13 @@ def _swap_norms(root: nn.Module) -> None:
     for module in list(root.modules()):
         for name, child in list(module.named_children()):
             if type(child).__name__ in RMSNORM_CLASSES:
-                setattr(module, name, FusedRMSNorm(child))
+                setattr(module, name, MemorySavingRMSNorm(child))
 
 
 def _swap_mlps(layers: list[nn.Module]) -> None:
     for layer in layers:
-        if hasattr(layer, "mlp") and not isinstance(layer.mlp, FusedSwiGLU):
-            layer.mlp = FusedSwiGLU(layer.mlp)
+        if hasattr(layer, "mlp") and not isinstance(layer.mlp, MemorySavingSwiGLU):
+            layer.mlp = MemorySavingSwiGLU(layer.mlp)
 
 
 def _use_packed_attention(base: Any) -> bool:
@@ -370,7 +375,7 @@ def move_embedding_to_host(model: Any, device: torch.device, outputs_require_gra
 
 
 def apply_fast_path(model: Any, memory: MemoryPlan | None, device: torch.device, fused_mlp: bool = True) -> FastPath:
-    """Swap in the fused modules and apply the memory plan; return what was done.
+    """Swap in the memory-saving modules and apply the memory plan; return what was done.
 
     fused_mlp=False (LoRA dropout on) keeps the MLPs as they are: their projections run one by one."""
     from peft.tuners.lora import LoraLayer
@@ -383,8 +388,8 @@ def apply_fast_path(model: Any, memory: MemoryPlan | None, device: torch.device,
     _swap_norms(base)
     if fused_mlp:
         _swap_mlps(layers)
-    report.norms = sum(1 for m in base.modules() if isinstance(m, FusedRMSNorm))
-    report.mlps = sum(1 for m in base.modules() if isinstance(m, FusedSwiGLU))
+    report.norms = sum(1 for m in base.modules() if isinstance(m, MemorySavingRMSNorm))
+    report.mlps = sum(1 for m in base.modules() if isinstance(m, MemorySavingSwiGLU))
     report.packed_attention = _use_packed_attention(base)
     if not fused_mlp:
         report.notes.append("LoRA dropout on the adapter inputs (MLPs unfused)")

@@ -156,7 +156,7 @@ def select_objective(run: Run, parallel: Parallel, log: Callable[[str], None] = 
         # the loss goes through the root's own forward (logits materialised) instead.
         fused = False
         log("training path: plain under FSDP2 (the fused loss needs the LM head unsharded outside forward)")
-    return build_objective(cfg.train.objective, fused)
+    return build_objective(cfg.train.objective, fused, run.fast.loss_kernel if run.fast is not None else "chunked")
 
 
 def batch_source(run: Run, parallel: Parallel) -> MicroBatches:

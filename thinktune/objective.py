@@ -114,8 +114,10 @@ class CausalLMObjective:
 
     name = "sft"
 
-    def __init__(self, fused: bool):
+    def __init__(self, fused: bool, loss_kernel: str = "chunked"):
         self.fused = fused
+        self.loss_kernel = loss_kernel
+        """`kernels.fused_linear_cross_entropy`'s impl: "chunked" or "liger"."""
 
     def count(self, batch: Batch) -> int:
         return target_tokens(batch)
@@ -129,13 +131,13 @@ class CausalLMObjective:
         targets = labels[:, 1:].reshape(-1)
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
                                   "position_ids": position_ids, "use_cache": False}
-        if seq_lens is not None:
-            inputs["document_lengths"] = tuple(int(n) for n in seq_lens.tolist())
+        if seq_lens is not None:  # a host tensor: compiled layers then see one dynamic shape, not the lengths
+            inputs["document_lengths"] = seq_lens.cpu()
         if self.fused:
             decoder, head = causal_lm_parts(model)
             hidden = decoder(**inputs).last_hidden_state[:, :-1]
             return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets,
-                                              ignore_index=IGNORE_INDEX, reduction="sum")
+                                              ignore_index=IGNORE_INDEX, reduction="sum", impl=self.loss_kernel)
         logits = model(**inputs).logits[:, :-1]
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets,
                                ignore_index=IGNORE_INDEX, reduction="sum")
@@ -167,8 +169,11 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {"sft": CausalLMObjective}
 """train.objective -> the objective's constructor (called with `fused=`: whether the fused LM head applies)."""
 
 
-def build_objective(name: str, fused: bool) -> Objective:
-    """The objective `train.objective` names; `fused`: the chunked linear cross-entropy may be used."""
+def build_objective(name: str, fused: bool, loss_kernel: str = "chunked") -> Objective:
+    """The objective `train.objective` names; `fused`: the fused linear cross-entropy may be used,
+    `loss_kernel` which one (setup.pick_loss_kernel)."""
+    if name == "sft":
+        return CausalLMObjective(fused=fused, loss_kernel=loss_kernel)
     return OBJECTIVES[name](fused=fused)
 
 

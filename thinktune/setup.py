@@ -19,6 +19,7 @@ from thinktune.config import RunConfig
 from thinktune.data import DataReport, Example, PromptFormat, build_examples, load_splits
 from thinktune.errors import UserError
 from thinktune.fastpath import FastPath, apply_fast_path, compile_layers, fast_path_supported, lora_layer_mapping
+from thinktune.kernels import liger_available
 from thinktune.lora import attach_lora
 from thinktune.memory.planner import MemoryPlan, plan_memory
 from thinktune.memory.shapes import ModelShape
@@ -56,19 +57,23 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
         log(r.summary())
     model = load_base_model(cfg.model, source)
     device = pick_device(cfg.model)
-    model, fast = prepare_model(cfg, model, device, log)
+    fixed = len({len(ex.input_ids) for ex in train_examples}) <= 1  # every step has the same shapes
+    model, fast = prepare_model(cfg, model, device, log, fixed_shapes=fixed)
     log(model_summary(model))
     return Run(cfg, source, tokenizer, fmt, train_examples, eval_examples, reports, model, device, fast)
 
 
 def prepare_model(cfg: RunConfig, model: Any, device: torch.device, log: Callable[[str], None] = print,
-                  memory_budget_bytes: int | None = None) -> tuple[Any, FastPath | None]:
-    """Attach the adapters; on the fast path also swap in the fused modules and apply the memory plan.
+                  memory_budget_bytes: int | None = None, fixed_shapes: bool = False) -> tuple[Any, FastPath | None]:
+    """Attach the adapters; on the fast path also swap in its modules, plan memory and compile.
 
     The fast path runs when train.fast_path is "on", or "auto" and `fast_path_supported` says its
     modules are exact for this architecture and `LoraConfig.fast_path_obstacle` finds nothing in
-    the adapters' settings (decided here once: the report and the memory plan follow it). `memory_budget_bytes` (default: the GPU's memory)
-    is what train.gradient_checkpointing=auto plans for.
+    the adapters' settings (decided here once: the report and the memory plan follow it).
+    `memory_budget_bytes` (default: train.memory_budget, else the GPU's free memory) is what
+    train.gradient_checkpointing=auto plans for; the plan counts what compiling adds.
+    `fixed_shapes`: every micro-batch has the same shape (all examples one length), where
+    train.compile=auto compiles.
     """
     supported, why = fast_path_supported(model)
     obstacle = cfg.lora.fast_path_obstacle()
@@ -83,16 +88,37 @@ def prepare_model(cfg: RunConfig, model: Any, device: torch.device, log: Callabl
         checkpointing = gc is True or (gc == "auto" and device.type == "cuda")
         return attach_lora(model, cfg.lora, cfg.train.seed, checkpointing), None
     model = attach_lora(model, cfg.lora, cfg.train.seed, False, custom_modules=lora_layer_mapping())
-    plan = memory_plan(cfg, model, device, memory_budget_bytes)
+    if memory_budget_bytes is None and cfg.train.memory_budget is not None:
+        memory_budget_bytes = int(cfg.train.memory_budget * 2**30)
+    compiled = compile_wanted(cfg.train.compile, device, fixed_shapes)
+    plan = memory_plan(cfg, model, device, memory_budget_bytes, compiled)
     fast = apply_fast_path(model, plan, device, fused_mlp=cfg.lora.dropout == 0)
-    # auto: where compiling was measured faster: one CUDA process, no layer recomputed
-    measured = device.type == "cuda" and plan.checkpointed_layers == 0 and os.environ.get("WORLD_SIZE", "1") == "1"
-    if cfg.train.compile is True or (cfg.train.compile == "auto" and measured):
+    if compiled:
         fast.compiled_layers = compile_layers(model)
+    fast.loss_kernel = pick_loss_kernel(cfg.train.loss_kernel, device)
     return model, fast
 
 
-def memory_plan(cfg: RunConfig, model: Any, device: torch.device, budget_bytes: int | None = None) -> MemoryPlan:
+def compile_wanted(choice: bool | str, device: torch.device, fixed_shapes: bool) -> bool:
+    """train.compile: true, false, or auto -- where it was measured faster on the 7B (H200, 2026-12-01):
+    one CUDA process and micro-batches of one fixed shape, whether layers are kept or recomputed
+    (2x2048: 1.16x with 13 of 28 layers recomputed). Rows of changing length (packed CoT data) ran
+    slower compiled (8,104 vs 9,262 tokens/s), so auto leaves them eager."""
+    if choice != "auto":
+        return bool(choice)
+    return device.type == "cuda" and fixed_shapes and os.environ.get("WORLD_SIZE", "1") == "1"
+
+
+def pick_loss_kernel(choice: str, device: torch.device) -> str:
+    """The fused linear cross-entropy implementation for train.loss_kernel on `device`."""
+    if choice == "liger" and not liger_available(device):
+        raise UserError("train.loss_kernel=liger needs CUDA and liger-kernel installed "
+                        "(pip install liger-kernel); use auto or chunked")
+    return "chunked" if choice == "auto" else choice
+
+
+def memory_plan(cfg: RunConfig, model: Any, device: torch.device, budget_bytes: int | None = None,
+                compiled: bool = False) -> MemoryPlan:
     """How many layers the fast path recomputes (train.gradient_checkpointing: true, false or auto)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
@@ -110,7 +136,7 @@ def memory_plan(cfg: RunConfig, model: Any, device: torch.device, budget_bytes: 
         free, _total = torch.cuda.mem_get_info(device)
         budget_bytes = free + torch.cuda.memory_reserved(device)
     tokens = cfg.train.batch_size * cfg.data.max_seq_length
-    return plan_memory(shape, tokens, static, budget_bytes, gc, quantized, embedding_bytes, cfg.lora)
+    return plan_memory(shape, tokens, static, budget_bytes, gc, quantized, embedding_bytes, cfg.lora, compiled)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig, device: torch.device,

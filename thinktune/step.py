@@ -107,7 +107,8 @@ class TrainStep:
         for i, batch in enumerate(micro_batches):
             # counted on the host copy: reading a device tensor here would sync the GPU every micro-batch
             real_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            # seq_lens stay on the host: the per-document attention reads them without a device sync
+            batch = {k: v if k == "seq_lens" else v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.dp.no_sync(self.forward, i == len(micro_batches) - 1):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     summed, metrics = self.forward(**batch)

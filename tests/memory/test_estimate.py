@@ -225,7 +225,7 @@ def test_auto_checkpointing_recomputes_only_what_the_budget_forces():
 
 
 def test_matches_the_h200_measurements_in_the_readme():
-    """Peaks that bench/bench_train.py measured on an H200 (README, thinktune rows; no padding, fused AdamW)."""
+    """Peaks that bench/bench_train.py measured on an H200 on 2026-11-28 (thinktune rows; no padding, fused AdamW)."""
     seven = dict(model_config=PRESETS["r1-7b"], optimizer="adamw", padded=False)
     cases = [({"checkpointing": "off"}, 28.27), ({"checkpointing": "off", "batch": 8, "seq": 1024}, 41.66),
              ({"checkpointing": "auto", "budget_bytes": 22.55 * GIB}, 21.27),
@@ -324,3 +324,19 @@ def test_oom_hint_sizes_the_run():
     hint = oom_hint(seven_b(gradient_checkpointing="false"), gpu_bytes=23 * GIB)
     assert "GiB" in hint and "gradient_checkpointing=auto" in hint
     assert "GiB" in oom_hint(seven_b(), gpu_bytes=79 * GIB)
+
+
+def test_compiled_estimate_matches_the_h200_and_the_planner():
+    """bench/run_bench.py on an H200 (2026-12-01): 28 layers compiled, none recomputed, 2x2048: 32.30 GiB.
+    With a budget, the estimator's plan is the runtime planner's (same layer count)."""
+    from thinktune.memory.planner import plan_memory
+
+    seven = dict(model_config=PRESETS["r1-7b"], optimizer="adamw", padded=False)
+    assert abs(estimate_peak(**seven, checkpointing="off", compiled=True).peak / GIB / 32.30 - 1) < 0.03
+    est = estimate_peak(**seven, checkpointing="auto", budget_bytes=24 * GIB, compiled=True)
+    shape = ModelShape.from_config(PRESETS["r1-7b"])
+    base = estimate_peak(**seven, checkpointing="off")
+    static = int(base.weights + base.adapters + 3 * base.trainable_params * 4)
+    plan = plan_memory(shape, 4096, static, 24 * GIB, embedding_bytes=shape.vocab * shape.hidden * 2, compiled=True)
+    assert est.recomputed_layers == plan.checkpointed_layers
+    assert est.recomputed_layers > estimate_peak(**seven, checkpointing="auto", budget_bytes=24 * GIB).recomputed_layers

@@ -3,9 +3,11 @@
 PEFT's LoRA layer runs the frozen base layer, casts the input to the adapters' float32
 dtype, runs A, then B, scales, and adds to the base output: under bf16 autocast that is
 an fp32 copy of x, a bf16 copy of it saved for A's backward, and two extra passes over
-the [N, out] output. Here the low-rank update is added inside the base GEMM's epilogue
-(`addmm_` with beta = 1), the input is saved once in the compute dtype, and the backward
-does the same for the input gradient: gx = gy W + (s gy B) A.
+the [N, out] output. Here the low-rank update is accumulated into the base output by a second
+GEMM (`addmm_` with beta = 1: no [N, out] temporary, but not fused into the base GEMM's kernel),
+the input is saved once in the compute dtype, and the backward does the same for the input
+gradient: gx = gy W + (s gy B) A. This is one autograd node over eager GEMMs: it saves memory
+and passes; it is not a fused kernel (under train.compile inductor sees through it).
 
 The frozen base weight may be dense or bitsandbytes NF4 (`Projection.quant_state`): a
 4-bit weight is dequantised for the forward matmul and again in backward, never kept.
@@ -73,7 +75,7 @@ def lora_forward_2d(x2: torch.Tensor, proj: Projection, a: torch.Tensor | None,
     if a is None or b is None:
         return y, None
     xa = torch.mm(x2, a.t())
-    y.addmm_(xa, b.t(), alpha=proj.scale)  # the update rides in the GEMM epilogue (beta = 1)
+    y.addmm_(xa, b.t(), alpha=proj.scale)  # a second GEMM accumulating into y (beta = 1): no [N, out] temporary
     return y, xa
 
 
@@ -139,7 +141,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def lora_linear(x: torch.Tensor, proj: Projection, lora_a: torch.Tensor | None = None,
                 lora_b: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b + s (x A^T) B^T with one saved input and the update fused into the base GEMM.
+    """x W^T + b + s (x A^T) B^T with one saved input; the update is accumulated into the base output.
 
     Args:
         x: [..., in] activations (any float dtype; under autocast the matmuls run in autocast's dtype).

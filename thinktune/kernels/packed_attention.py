@@ -8,7 +8,7 @@ that of attending within documents, not across the whole row.
 
 `packed_sdpa_attention` is the same thing behind transformers' attention-function interface
 (module, query, key, value, attention_mask, scaling, dropout, **kwargs): with a
-`document_lengths` kwarg it attends per document; without it, it *is* transformers' own
+`document_lengths` kwarg (ints, or a host tensor of them) it attends per document; without it, it *is* transformers' own
 `sdpa_attention_forward` (padding masks and all). Either way cuDNN's attention kernel is left
 out (`TRAINING_BACKENDS`). thinktune.fastpath registers it under
 `PACKED_ATTENTION` through transformers' public AttentionInterface / AttentionMaskInterface.
@@ -95,8 +95,21 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         with sdpa_kernel(TRAINING_BACKENDS):
             return transformers_sdpa_attention()(module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
-    out = packed_attention(query, key, value, lengths, scale=scaling, dropout=dropout)
+    out = _packed_attention_outside_graphs(query, key, value, lengths, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
+
+
+@torch.compiler.disable
+def _packed_attention_outside_graphs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                     lengths: Sequence[int] | torch.Tensor, scale: float | None,
+                                     dropout: float) -> torch.Tensor:
+    """`packed_attention`, never traced by torch.compile: a compiled decoder layer breaks its graph here
+    and calls this eagerly. Traced, the per-document loop would be unrolled and guarded on the lengths
+    themselves (one recompile per distinct step); kept out, the layer's graphs see only the row length,
+    which becomes a dynamic dimension. `lengths` may be a (host) tensor, as thinktune's loss passes it."""
+    if isinstance(lengths, torch.Tensor):
+        lengths = [int(n) for n in lengths.tolist()]
+    return packed_attention(query, key, value, lengths, scale=scale, dropout=dropout)
 
 
 def register_packed_attention() -> str:

@@ -86,13 +86,17 @@ def estimate_run(cfg: RunConfig, model_config: dict[str, Any] | None = None, bud
     """The estimate for a RunConfig at its longest rows (batch_size x max_seq_length)."""
     if model_config is None:
         name, model_config = load_model_config(cfg.model.name_or_path)
+    if budget_bytes is None and cfg.train.memory_budget is not None:
+        budget_bytes = cfg.train.memory_budget * GIB
     checkpointing = {True: "on", False: "off"}.get(cfg.train.gradient_checkpointing, "auto")  # type: ignore[call-overload]
     precision = "fp32" if cfg.train.precision == "fp32" or cfg.model.dtype == "fp32" else "bf16"
     fused = False if cfg.train.fast_path == "off" else None  # loop.Trainer: no fused loss with the fast path off
     return estimate_peak(model_config, mode_of(cfg), cfg.train.batch_size, cfg.data.max_seq_length, cfg.lora,
                          cfg.train.optimizer, checkpointing, cfg.train.packing, fused, precision,
                          grad_accum=cfg.train.grad_accum, budget_bytes=budget_bytes, fast_path=cfg.train.fast_path,
-                         name=name or cfg.model.name_or_path)
+                         name=name or cfg.model.name_or_path,
+                         # compile=auto compiles only fixed-length data, which a config alone does not tell
+                         compiled=cfg.train.compile is True)
 
 
 def _fixes(cfg: RunConfig) -> list[tuple[str, list[str]]]:

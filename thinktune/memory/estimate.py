@@ -5,7 +5,7 @@
 activations, logits/loss, workspace), plus what the card needs beyond it (CUDA context,
 allocator slack), and the smallest common card that holds it. Every term is a formula of the
 config's widths; the activation terms follow what `step.TrainStep` really keeps on either
-path: the fast path (thinktune.fastpath: fused LoRA projections, SwiGLU and RMSNorm, packed
+path: the fast path (thinktune.fastpath: one-node LoRA projections, memory-saving SwiGLU and RMSNorm, packed
 per-document attention, memory.planner's choice of recomputed layers, lean host offload) or the
 PEFT path (PEFT LoRA layers under bf16 autocast, transformers modules); SDPA attention;
 non-reentrant checkpointing of whole decoder layers; the chunked fused linear cross-entropy
@@ -25,7 +25,8 @@ from typing import Any
 
 from thinktune.config import LoraConfig
 from thinktune.errors import UserError
-from thinktune.memory.activations import layer_saved_per_token, layer_transient_per_token, loss_bytes
+from thinktune.memory.activations import (compiled_layer_bytes, layer_saved_per_token, layer_transient_per_token,
+                                          loss_bytes)
 from thinktune.memory.planner import plan_memory
 from thinktune.memory.shapes import ALLOCATOR_SLACK, CARDS, CUDA_CONTEXT_BYTES, GIB, WORKSPACE_BYTES, ModelShape
 
@@ -187,7 +188,8 @@ def estimate_peak(model_config: dict[str, Any] | ModelShape, mode: str = "lora",
                   lora: LoraConfig | None = None, optimizer: str = "adamw", checkpointing: str = "on",
                   packing: bool | str = False, fused_loss: bool | None = None, precision: str = "bf16",
                   padded: bool | None = None, grad_accum: int = 1, budget_bytes: float | None = None,
-                  fused_optimizer: bool = True, fast_path: str = "auto", name: str = "model") -> Breakdown:
+                  fused_optimizer: bool = True, fast_path: str = "auto", name: str = "model",
+                  compiled: bool = False) -> Breakdown:
     """Estimate the peak GPU memory of one training step (or of inference) as thinktune runs it.
 
     Args:
@@ -208,6 +210,8 @@ def estimate_peak(model_config: dict[str, Any] | ModelShape, mode: str = "lora",
         grad_accum: > 1 keeps the adapter gradients alive through later micro-batches' forward.
         fused_optimizer: torch's fused AdamW (CUDA); the foreach version (CPU) needs 4 bytes/param more.
         fast_path: auto | on | off, as train.fast_path in the config (auto: on where fastpath has exact twins).
+        compiled: the fast path's decoder layers are compiled (train.compile): each kept layer holds
+            `memory.activations.compiled_layer_bytes` more, and the planner counts it too.
     Returns a Breakdown. Raises UserError on an unknown mode, optimizer or target.
     """
     shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
@@ -231,7 +235,7 @@ def estimate_peak(model_config: dict[str, Any] | ModelShape, mode: str = "lora",
                      adapters=4.0 * sum(sizes), optimizer=optimizer_bytes(sizes, optimizer),
                      trainable_params=sum(sizes), layers=shape.layers, path=path, packed=packed)
     step = _Step(shape, lora, batch, seq, a, fused_loss, not packed if padded is None else padded, packed,
-                 grad_accum, fused_optimizer, path)
+                 grad_accum, fused_optimizer, path, compiled and path == "fast")
     if checkpointing != "auto" or path == "peft":
         return step.peak(base, shape.layers if checkpointing != "off" else 0)
     if budget_bytes is None:
@@ -258,6 +262,7 @@ class _Step:
     grad_accum: int
     fused_optimizer: bool
     path: str
+    compiled: bool = False
 
     def planned(self, base: Breakdown, budget_bytes: float) -> Breakdown:
         """checkpointing=auto on the fast path: the plan memory.planner makes, estimated here."""
@@ -265,7 +270,7 @@ class _Step:
         embedding = 0 if shape.tie else shape.vocab * shape.hidden * self.a
         static = int(base.weights + base.adapters + 3 * base.trainable_params * 4)  # as setup.memory_plan counts it
         plan = plan_memory(shape, tokens, static, int(budget_bytes), "auto", quantized=base.mode == "qlora",
-                           embedding_bytes=embedding, lora=self.lora)
+                           embedding_bytes=embedding, lora=self.lora, compiled=self.compiled)
         out = self.peak(base, plan.checkpointed_layers, embedding if plan.cpu_embedding else 0, plan.offload_checkpoints)
         out.notes.append(f"checkpointing auto for {budget_bytes / GIB:.1f} GiB: {plan.describe().split(' (')[0]}")
         return out
@@ -297,7 +302,8 @@ class _Step:
         if base.mode in ("qlora", "lora-int8"):  # bitsandbytes dequantises one projection's weight per matmul
             transient += max(i * o for i, o, _ in shape.projections().values()) * a
         checkpoint = 0.0 if offload else a * shape.hidden * tokens
-        stored = [checkpoint if layer < recomputed else saved for layer in range(shape.layers)]
+        kept_layer = saved + (compiled_layer_bytes(shape, tokens, a) if self.compiled else 0)
+        stored = [checkpoint if layer < recomputed else kept_layer for layer in range(shape.layers)]
         grads, mask = base.adapters, (self.batch * self.seq * self.seq if self.padded else 0)
         norm_input = (4 if self.path == "peft" else a) * shape.hidden + 4
         final_norm = (norm_input + (a * shape.hidden if self.fused else 0)) * tokens

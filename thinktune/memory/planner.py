@@ -9,7 +9,7 @@ host memory (looked up on the CPU, its rows copied over), then the checkpointed 
 inputs are offloaded to host memory too.
 
 Estimates are per micro-batch of `tokens` tokens, from the model's shape (memory.shapes), for
-thinktune's fast path (fused LoRA MLP, RMSNorm and linear cross-entropy), with the formulas of
+thinktune's fast path (memory-saving LoRA MLP and RMSNorm nodes, fused linear cross-entropy), with the formulas of
 memory.activations; calibrated against the 7B benchmark (bench/bench_train.py). The estimator
 (memory.estimate) asks this planner which layers `auto` recomputes. This module does arithmetic
 only: it never touches a model, a GPU or data; setup.memory_plan measures, thinktune.fastpath
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from thinktune.config import LoraConfig
-from thinktune.memory.activations import checkpoint_bytes, layer_bytes, transient_bytes
+from thinktune.memory.activations import checkpoint_bytes, compiled_layer_bytes, layer_bytes, transient_bytes
 from thinktune.memory.shapes import GIB, PLAN_MARGIN_BYTES, PLAN_MARGIN_FRACTION, ModelShape
 
 
@@ -54,9 +54,11 @@ class MemoryPlan:
 
 def plan_peak(shape: ModelShape, tokens: int, static_bytes: int, checkpointed: int, cpu_embedding: bool = False,
               offload: bool = False, quantized: bool = False, embedding_bytes: int = 0,
-              lora: LoraConfig | None = None) -> int:
-    """Peak bytes for a plan: what is already allocated + optimizer state + activations + transients."""
-    kept = (shape.layers - checkpointed) * layer_bytes(shape, tokens, lora=lora)
+              lora: LoraConfig | None = None, compiled: bool = False) -> int:
+    """Peak bytes for a plan: what is already allocated + optimizer state + activations + transients
+    (+ what torch.compile's partition keeps in each kept layer, when the layers are compiled)."""
+    per_layer = layer_bytes(shape, tokens, lora=lora) + (compiled_layer_bytes(shape, tokens) if compiled else 0)
+    kept = (shape.layers - checkpointed) * per_layer
     if not offload:
         kept += checkpointed * checkpoint_bytes(shape, tokens)
     static = static_bytes - (embedding_bytes if cpu_embedding else 0)
@@ -65,7 +67,7 @@ def plan_peak(shape: ModelShape, tokens: int, static_bytes: int, checkpointed: i
 
 def plan_memory(shape: ModelShape, tokens: int, static_bytes: int, budget_bytes: int,
                 gradient_checkpointing: bool | str = "auto", quantized: bool = False,
-                embedding_bytes: int = 0, lora: LoraConfig | None = None) -> MemoryPlan:
+                embedding_bytes: int = 0, lora: LoraConfig | None = None, compiled: bool = False) -> MemoryPlan:
     """Choose the plan: `True` recomputes every layer, `False` none, "auto" fits `budget_bytes`.
 
     Args:
@@ -78,6 +80,8 @@ def plan_memory(shape: ModelShape, tokens: int, static_bytes: int, budget_bytes:
         embedding_bytes: bytes of the input embedding that lean mode may move to host memory
             (0 when it cannot move, e.g. tied to the LM head).
         lora: the adapters (LoRA dropout keeps more per layer: activations.dropout_saved_per_token).
+        compiled: the decoder layers run under torch.compile (train.compile), which keeps more per
+            kept layer (`memory.activations.compiled_layer_bytes`).
     """
     layers = shape.layers
     margin = int(PLAN_MARGIN_FRACTION * budget_bytes) + PLAN_MARGIN_BYTES
@@ -85,7 +89,7 @@ def plan_memory(shape: ModelShape, tokens: int, static_bytes: int, budget_bytes:
 
     def peak(checkpointed: int, cpu_embedding: bool = False, offload: bool = False) -> int:
         return plan_peak(shape, tokens, static_bytes, checkpointed, cpu_embedding, offload, quantized, embedding_bytes,
-                         lora)
+                         lora, compiled)
 
     def plan(checkpointed: int, cpu_embedding: bool = False, offload: bool = False) -> MemoryPlan:
         estimate = peak(checkpointed, cpu_embedding, offload) + margin
