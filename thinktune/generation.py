@@ -19,6 +19,7 @@ import torch
 from thinktune.data import PromptFormat, eos_id, split_thinking
 from thinktune.errors import UserError
 from thinktune.export import load_with_adapter
+from thinktune.prompt_record import resolve_template
 
 
 @dataclass
@@ -35,12 +36,9 @@ class Answer:
         return asdict(self)
 
 
-def template_of(adapter_dir: str | Path | None, template: str | None) -> str:
-    if template:
-        return template
-    if adapter_dir and (Path(adapter_dir) / "config.json").is_file():
-        return json.loads((Path(adapter_dir) / "config.json").read_text(encoding="utf-8"))["data"]["template"]
-    return "seed-zh"
+def template_of(adapter_dir: str | Path | None, template: str | None, base: str | Path | None = None) -> str:
+    """The prompt template: --template, else the adapter's run config, else a merged base's thinktune.json."""
+    return resolve_template(adapter_dir, base, template)[0]
 
 
 class _Printer:
@@ -162,7 +160,9 @@ def generate(questions: Iterable[str], adapter: str | None = None, base: str | N
              out: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Answer each question; with compare=True also with the adapter switched off. Returns dicts."""
     model, tokenizer, _ = load_with_adapter(adapter, base)
-    fmt = PromptFormat(template_of(adapter, template), tokenizer)
+    name, where = resolve_template(adapter, base, template)
+    out(f"prompt template: {name} (from {where})")
+    fmt = PromptFormat(name, tokenizer)
     results = []
     for question in questions:
         out(f"\n### {question}")
