@@ -354,7 +354,7 @@ def _verify_prompt(folder: Path, template: str | None) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write (a Modelfile goes beside it)")
-    parser.add_argument("--type", default="f16", choices=GGUF_TYPES,
+    parser.add_argument("--type", default="f16", metavar="|".join(GGUF_TYPES),
                         help="tensor type: f16, bf16 or q8_0 (k-quants: run llama.cpp's llama-quantize on the f16 file)")
     parser.add_argument("--adapter", help="adapter folder (output_dir or checkpoint-N); merged on the way")
     parser.add_argument("--base", help="with --adapter: override its base model; alone: a merged model folder")
