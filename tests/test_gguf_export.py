@@ -28,25 +28,34 @@ def runs(tmp_path_factory, tiny_qwen2, tiny_llama) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("arch,gguf_type", [("qwen2", "f16"), ("qwen2", "q8_0"), ("llama", "f16"), ("llama", "bf16"),
-                                            ("llama", "q8_0")])
-def test_export_reads_back_with_transformers(runs, arch, gguf_type, tmp_path: Path, tiny_qwen2, tiny_llama, capsys):
+@pytest.fixture(scope="module")
+def merged(runs, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for arch, run in runs.items():
+        out[arch] = tmp_path_factory.mktemp(f"gguf-merged-{arch}") / "merged"
+        assert main(["merge", "--adapter", str(run), "--out", str(out[arch]), "--dtype", "fp32"]) == 0
+    return out
+
+
+def test_tuned_models_differ_from_their_base(merged, tiny_qwen2, tiny_llama):
+    """So that a GGUF agreeing with the merged model means the adapter made it into the file."""
+    for arch, base_dir in (("qwen2", tiny_qwen2), ("llama", tiny_llama)):
+        tokenizer = AutoTokenizer.from_pretrained(merged[arch])
+        ids = tokenizer(PromptFormat("seed-en", tokenizer).prompt(QUESTIONS[0]), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            base = AutoModelForCausalLM.from_pretrained(base_dir)(ids).logits
+            tuned = AutoModelForCausalLM.from_pretrained(merged[arch])(ids).logits
+        assert (base - tuned).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch,gguf_type", [("qwen2", "f16"), ("qwen2", "bf16"), ("qwen2", "q8_0"), ("llama", "f16"),
+                                            ("llama", "bf16"), ("llama", "q8_0")])
+def test_export_reads_back_with_transformers(merged, arch, gguf_type, tmp_path: Path, capsys):
     out = tmp_path / f"{arch}.gguf"
-    assert main(["export", "--adapter", str(runs[arch]), "--gguf", str(out), "--type", gguf_type]) == 0
-    printed = capsys.readouterr().out
-    assert "prompt template: seed-en" in printed and out.is_file()
-    merged = tmp_path / "merged"
-    assert main(["merge", "--adapter", str(runs[arch]), "--out", str(merged), "--dtype", "fp32"]) == 0
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-    fmt = PromptFormat("seed-en", tokenizer)
-    prompts = [fmt.prompt(q) for q in QUESTIONS]
-    # the tuned model differs from its base, so agreeing with the merged model means something
-    base = AutoModelForCausalLM.from_pretrained(tiny_qwen2 if arch == "qwen2" else tiny_llama)
-    tuned = AutoModelForCausalLM.from_pretrained(merged)
-    ids = tokenizer(prompts[0], return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        assert (base(ids).logits - tuned(ids).logits).abs().max() > 1e-3
-    result = verify_gguf(out, merged, prompts)
+    assert main(["export", "--base", str(merged[arch]), "--gguf", str(out), "--type", gguf_type]) == 0
+    assert "prompt template: seed-en" in capsys.readouterr().out and out.is_file()
+    fmt = PromptFormat("seed-en", AutoTokenizer.from_pretrained(merged[arch]))
+    result = verify_gguf(out, merged[arch], [fmt.prompt(q) for q in QUESTIONS])
     assert result.gguf_type == gguf_type and result.ok, result.summary()
     if gguf_type == "f16":
         assert result.greedy_match is True

@@ -150,16 +150,16 @@ def test_concurrent_requests_are_not_mixed_up(client):
 
 
 def test_client_that_disconnects_mid_stream(server, client):
-    body = {"model": "en", "messages": [{"role": "user", "content": QUESTION}], "stream": True, "max_tokens": 2000}
+    body = {"model": "en", "messages": [{"role": "user", "content": QUESTION}], "stream": True, "max_tokens": 800}
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, headers=headers, timeout=60) as resp:
         lines = resp.iter_lines()
         assert next(lines).startswith("data: ")
-    started = time.time()
     reply = chat(client, "zh", temperature=0, max_tokens=4)
     assert reply.choices[0].finish_reason == "length"
-    assert time.time() - started < 60, "the abandoned 2000-token job was not cancelled"
     assert server["proc"].poll() is None
+    assert "cancelled after" in server["log"].read_text(), "the abandoned 800-token job was not cancelled"
+
 
 
 @pytest.mark.parametrize("kwargs,status,code", [

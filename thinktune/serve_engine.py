@@ -87,7 +87,7 @@ class StreamSplit:
             content = content.strip()
         if not final and not self.stopped:
             content = content[: len(content) - _partial_suffix(content, self.stops)]
-        return reasoning, content
+        return reasoning, content.rstrip() if self.thinking else content
 
 
 def _partial_suffix(text: str, words: list[str]) -> int:
@@ -192,6 +192,9 @@ class Engine:
             if split.stopped:
                 finish = "stop"
                 break
+        if finish == "cancelled":
+            print(f"request for '{job.served.name}' cancelled after {len(new_ids)} tokens: the client went away", flush=True)
+            return
         delta = split.update(tokenizer.decode(new_ids, skip_special_tokens=True), final=True)
         if any(delta):
             job.emit(("delta", *delta))
