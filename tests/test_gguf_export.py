@@ -1,6 +1,7 @@
 """GGUF export: written with the gguf package, read back with transformers' GGUF loader (the reader users have)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from thinktune.cli import main
 from thinktune.data import PromptFormat
 from thinktune.gguf_export import llama_permute, verify_gguf
 from thinktune.loop import train
+from thinktune.prompt_record import resolve_template
 
 QUESTIONS = ["What is sepsis?", "Which drug treats anaphylaxis first? 0.5 mg"]
 
@@ -80,6 +82,20 @@ def test_tokenizer_chat_template_and_modelfile(runs, tmp_path: Path):
     assert f'TEMPLATE """{prefix}{{{{ .Prompt }}}}{suffix}"""' in modelfile
     assert f'PARAMETER stop "{hf.eos_token}"' in modelfile
     assert "PARAMETER temperature 0.6" in modelfile and "PARAMETER top_p 0.95" in modelfile
+
+
+def test_generate_from_the_gguf_uses_its_recorded_template(runs, tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setenv("THINKTUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "q.gguf"
+    assert main(["export", "--adapter", str(runs["qwen2"]), "--gguf", str(out), "--type", "f16"]) == 0
+    assert resolve_template(None, out, None) == ("seed-en", f"{out}'s metadata")
+    answers = []
+    for source in (["--adapter", str(runs["qwen2"])], ["--base", str(out)]):
+        file = tmp_path / f"answers{len(answers)}.jsonl"
+        assert main(["generate", *source, "--max-new-tokens", "8", "--no-stream", "--out", str(file), QUESTIONS[0]]) == 0
+        answers.append(json.loads(file.read_text().splitlines()[0])["text"])
+    assert "prompt template: seed-en" in capsys.readouterr().out
+    assert answers[0] == answers[1]
 
 
 def test_llama_permutation_is_what_transformers_reverses():

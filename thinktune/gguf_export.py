@@ -31,6 +31,7 @@ from thinktune.errors import UserError
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 # architecture class -> (gguf.MODEL_ARCH member name, the GGUF architecture string)
 ARCHITECTURES = {"LlamaForCausalLM": ("LLAMA", "llama"), "Qwen2ForCausalLM": ("QWEN2", "qwen2")}
+GGUF_TEMPLATE_KEY = "thinktune.prompt_template"  # the run's template name, read back by thinktune generate/serve
 R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended sampling
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -208,7 +209,7 @@ def _write_tokenizer(writer: Any, model_dir: Path, tokenizer: Any, n_vocab: int,
 
 
 def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16", template: str | None = None,
-               log: Callable[[str], None] = print) -> Path:
+               log: Callable[[str], None] = print, template_from: str | None = None) -> Path:
     """Write the merged model in `model_dir` as one GGUF file, and a Modelfile beside it."""
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -225,6 +226,7 @@ def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16", t
     if out.exists():
         raise UserError(f"{out} exists; choose a new file name (nothing was written)")
     name, where = resolve_template(None, folder, template)
+    where = template_from or where
     tokenizer = AutoTokenizer.from_pretrained(folder)
     fmt = PromptFormat(name, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True)
@@ -235,6 +237,7 @@ def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16", t
     try:
         _write_hparams(writer, model.config, out.stem)
         writer.add_file_type(file_type)
+        writer.add_string(GGUF_TEMPLATE_KEY, name)
         if gguf_type == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _write_tokenizer(writer, folder, tokenizer, model.config.vocab_size, arch, chat_template(fmt))
@@ -320,6 +323,7 @@ def export(out: str | Path, gguf_type: str, adapter: str | None = None, base: st
            template: str | None = None, verify: bool = False, log: Callable[[str], None] = print) -> Path:
     """Merge (when given an adapter) into a temporary fp32 folder, write the GGUF, optionally verify it."""
     from thinktune.export import merge
+    from thinktune.prompt_record import resolve_template
 
     _gguf_type(gguf_type)
     out = Path(out).expanduser()
@@ -329,8 +333,13 @@ def export(out: str | Path, gguf_type: str, adapter: str | None = None, base: st
         raise UserError("give --adapter DIR (merged on the way) or --base MERGED_DIR")
     scratch = Path(tempfile.mkdtemp(prefix=".thinktune-merge-", dir=out.parent if out.parent.is_dir() else None))
     try:
-        folder = Path(base).expanduser() if adapter is None else merge(adapter, scratch / "merged", "fp32", base, template, log)
-        write_gguf(folder, out, gguf_type, template, log)
+        where = None
+        if adapter is not None:
+            template, where = resolve_template(adapter, base, template)
+            skip_record_line = lambda line: None if line.startswith("prompt template:") else log(line)  # noqa: E731
+        folder = Path(base).expanduser() if adapter is None else merge(adapter, scratch / "merged", "fp32", base, template,
+                                                                        skip_record_line)
+        write_gguf(folder, out, gguf_type, template, log, where)
         if verify:
             prompts = [_verify_prompt(folder, template)]
             result = verify_gguf(out, folder, prompts)

@@ -34,8 +34,8 @@ def read_record(folder: str | Path | None) -> dict[str, Any] | None:
     if not folder:
         return None
     path = Path(folder).expanduser()
-    if path.is_file():  # a .gguf: its record is beside it
-        path = path.parent
+    if path.is_file() and path.suffix == ".gguf":  # thinktune export writes the name into the file's metadata
+        return _gguf_record(path)
     file = path / RECORD_FILE
     if not file.is_file():
         return None
@@ -48,6 +48,15 @@ def read_record(folder: str | Path | None) -> dict[str, Any] | None:
     return data
 
 
+def _gguf_record(path: Path) -> dict[str, Any] | None:
+    import gguf
+
+    from thinktune.gguf_export import GGUF_TEMPLATE_KEY
+
+    field = gguf.GGUFReader(path).get_field(GGUF_TEMPLATE_KEY)
+    return {"template": field.contents()} if field is not None else None
+
+
 def resolve_template(adapter: str | Path | None, base: str | Path | None, template: str | None) -> tuple[str, str]:
     """(template, where it came from): --template, else the adapter's run config, else the base's record."""
     if template:
@@ -57,7 +66,9 @@ def resolve_template(adapter: str | Path | None, base: str | Path | None, templa
         return run["data"]["template"], f"the run config {Path(adapter) / 'config.json'}"
     record = read_record(base)
     if record:
-        return record["template"], f"{Path(base).expanduser() / RECORD_FILE}"  # type: ignore[arg-type]
+        path = Path(base).expanduser()  # type: ignore[arg-type]
+        return record["template"], f"{path}'s metadata" if path.suffix == ".gguf" else f"{path / RECORD_FILE}"
+
     return DEFAULT_TEMPLATE, "the default (no run config or thinktune.json found)"
 
 
