@@ -93,3 +93,23 @@ def clear_gguf_quantization(model: Any) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def kv_cache_argument(model: Any) -> str:
+    """The name of the KV cache in a causal LM's forward() (argument and output field) for a token-by-token loop.
+
+    transformers 5.24 calls it `cache` (and warns that `past_key_values` goes away in 5.40); 4.56-5.1x call it
+    `past_key_values`. Read from the forward signature of the model under a PEFT wrapper. Used by serve_engine.
+    """
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def qwen2_pretokenize_regex() -> str:
+    """The split regex of Qwen2's tokenizer (`PRETOKENIZE_REGEX` of transformers' Qwen2 tokenizer module, 4.56-5.24;
+    not exported at the top level). gguf_export uses it to name a Qwen2 pre-tokenizer for llama.cpp ('qwen2')."""
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    return PRETOKENIZE_REGEX

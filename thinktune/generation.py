@@ -36,11 +36,6 @@ class Answer:
         return asdict(self)
 
 
-def template_of(adapter_dir: str | Path | None, template: str | None, base: str | Path | None = None) -> str:
-    """The prompt template: --template, else the adapter's run config, else a merged base's thinktune.json."""
-    return resolve_template(adapter_dir, base, template)[0]
-
-
 class _Printer:
     """A transformers streamer that hands decoded text pieces to a callback."""
 

@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from thinktune.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 # architecture class -> (gguf.MODEL_ARCH member name, the GGUF architecture string)
@@ -73,7 +76,7 @@ def _gguf_type(name: str) -> Any:
     return table[name]
 
 
-def llama_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+def llama_permute(weights: "np.ndarray", n_head: int, n_head_kv: int | None = None) -> "np.ndarray":
     """llama.cpp's q/k row order for Llama (convert_hf_to_gguf.py's LlamaModel.permute)."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
@@ -151,8 +154,9 @@ def _write_tensors(writer: Any, model: Any, arch: str, qtype: Any) -> dict[str, 
 
 def pre_tokenizer_name(tokenizer: Any, arch: str) -> str:
     """llama.cpp's name (tokenizer.ggml.pre) for how this tokenizer splits text before BPE."""
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
+    from thinktune.compat import qwen2_pretokenize_regex
 
+    qwen2_split = qwen2_pretokenize_regex()
     if R1_BOS in tokenizer.get_vocab():  # DeepSeek-R1-Distill: llama.cpp names these two itself
         return "deepseek-r1-qwen" if arch == "QWEN2" else "llama-bpe"
     pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
@@ -163,7 +167,7 @@ def pre_tokenizer_name(tokenizer: Any, arch: str) -> str:
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
     splits = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
-    if kinds == ["Split", "ByteLevel"] and splits[0] == QWEN2_SPLIT:
+    if kinds == ["Split", "ByteLevel"] and splits[0] == qwen2_split:
         return "qwen2"
     if kinds == ["Split", "ByteLevel"] and splits[0] == LLAMA3_SPLIT:
         return "llama-bpe"
@@ -373,6 +377,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read the file back with transformers' GGUF loader and compare logits with the merged model")
 
 
-def run(args: argparse.Namespace) -> int:
+def export_command(args: argparse.Namespace) -> int:
+    """`thinktune export --adapter DIR | --base MERGED --gguf OUT.gguf [--type f16|bf16|q8_0] [--verify]`."""
     export(args.gguf, args.type, adapter=args.adapter, base=args.base, template=args.template, verify=args.verify)
     return 0

@@ -311,7 +311,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=2048, help="completion tokens when a request gives no max_tokens")
 
 
-def run(args: argparse.Namespace) -> int:
+def serve_command(args: argparse.Namespace) -> int:
+    """`thinktune serve --adapter [NAME=]DIR ... [--base MODEL] [--host] [--port] [--api-key]`."""
     import uvicorn
 
     if args.host not in LOOPBACK and not args.api_key:

@@ -11,7 +11,6 @@ This module knows nothing of HTTP.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import queue
 import random
 import threading
@@ -20,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from thinktune.compat import kv_cache_argument
 from thinktune.data import THINK_CLOSE, PromptFormat, eos_id, split_thinking
 
 
@@ -101,13 +101,6 @@ def _partial_suffix(text: str, words: list[str]) -> int:
     return best
 
 
-def cache_argument(model: Any) -> str:
-    """The forward() argument (and output field) of the KV cache: `cache` in transformers >= 5.2x (checked on
-    5.24), `past_key_values` before (checked on 4.56)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-
-
 class Engine:
     """Owns the model and its tokenizer; `submit` queues a job, the worker thread runs jobs in order."""
 
@@ -115,7 +108,7 @@ class Engine:
         self.model, self.tokenizer, self.served = model, tokenizer, served
         self.context_length = context_length
         self.default_max_tokens = 2048
-        self.cache_name = cache_argument(model)
+        self.cache_name = kv_cache_argument(model)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.adapter_lock = threading.Lock()
         self.worker = threading.Thread(target=self._work, name="thinktune-serve-worker", daemon=True)
