@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import queue
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,11 @@ from transformers import AutoTokenizer
 
 from conftest import tiny_config
 from thinktune.cli import main
-from thinktune.data import PromptFormat
+from thinktune.data import PromptFormat, split_thinking
 from thinktune.errors import UserError
 from thinktune.loop import train
 from thinktune.prompt_record import chat_template, ollama_template, read_record, resolve_template
+from thinktune.serve import build_job, load_engine
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,24 @@ def test_generate_from_merged_equals_generate_from_adapter(run: Path, tmp_path: 
     assert from_merged["text"] == from_adapter["text"]
     # the recorded template matters: the default one gives another answer
     assert greedy("--base", str(merged), "--template", "seed-zh")["text"] != from_adapter["text"]
+
+    # serve --base MERGED uses the recorded template too, and says so
+    printed: list[str] = []
+    engine = load_engine([], str(merged), None, log=printed.append)
+    try:
+        served = engine.served["merged"]
+        assert served.fmt.template == "seed-en" and f"from {merged / 'thinktune.json'}" in printed[0]
+        events: queue.Queue = queue.Queue()
+        job = build_job(engine, {"model": "merged", "messages": [{"role": "user", "content": "What is sepsis?"}],
+                                 "max_tokens": 12, "temperature": 0}, True, events.put)
+        engine.submit(job)
+        pieces = []
+        while (event := events.get(timeout=120))[0] == "delta":
+            pieces.append(event[1:])
+        thinking = "".join(p[0] for p in pieces)
+        assert thinking == split_thinking(from_adapter["text"])[0]
+    finally:
+        engine.close()
 
 
 def test_template_resolution_and_bad_record(run: Path, tmp_path: Path):
