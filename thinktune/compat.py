@@ -1,7 +1,7 @@
 """Every use of a library's private API, in one place, each with the versions it was checked on.
 
-thinktune leans on five things its libraries do not promise (and on one public API renamed in
-transformers 5, activation checkpointing, switched here by version). Each is one small function here, with
+thinktune leans on six things its libraries do not promise (and on two public APIs renamed in
+transformers 5, activation checkpointing and the KV-cache argument, switched here by version). Each is one small function here, with
 a test in tests/test_compat.py that fails when a new release changes it (so an upgrade breaks one
 named test, not a training run). Checked on this project's machine with torch 2.13.0, transformers
 5.24.0 and peft 0.21.2; the GPU benchmarks of 2026-11-28 ran them on torch 2.11, transformers 5.17
