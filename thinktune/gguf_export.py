@@ -285,7 +285,6 @@ TOLERANCE = {"f16": 0.02, "bf16": 0.08, "q8_0": 0.15}  # of the largest |logit|
 def verify_gguf(gguf_path: str | Path, model_dir: str | Path, prompts: list[str], greedy_tokens: int = 8) -> Verification:
     """Read the GGUF back with transformers' GGUF loader; compare logits (and greedy tokens for f16) with the merged model."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with torch.no_grad():
         return _compare(Path(gguf_path), model_dir, prompts, greedy_tokens)
