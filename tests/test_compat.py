@@ -85,3 +85,29 @@ def test_activation_checkpointing_switches_on_and_off_without_deprecation(tiny_q
         assert all(layer.gradient_checkpointing for layer in model.model.layers)
         compat.disable_activation_checkpointing(model)
     assert not any(layer.gradient_checkpointing for layer in model.model.layers)
+
+
+def test_kv_cache_argument_names_the_forward_cache(tiny_qwen2: Path):
+    import inspect
+
+    from transformers import AutoModelForCausalLM
+
+    from thinktune.compat import kv_cache_argument
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+    name = kv_cache_argument(model)
+    assert name in inspect.signature(model.forward).parameters
+    out = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
+    assert getattr(out, name) is not None
+    follow = model(input_ids=torch.tensor([[8]]), use_cache=True, **{name: getattr(out, name)})
+    whole = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits[0, -1]
+    assert torch.allclose(follow.logits[0, -1], whole, atol=1e-5)
+
+
+def test_qwen2_pretokenize_regex_is_the_qwen2_tokenizers():
+    from tokenizers import Regex, pre_tokenizers
+
+    from thinktune.compat import qwen2_pretokenize_regex
+
+    split = pre_tokenizers.Split(Regex(qwen2_pretokenize_regex()), behavior="isolated")
+    assert [piece for piece, _ in split.pre_tokenize_str("Hello world 12345")] == ["Hello", " world", " ", "1", "2", "3", "4", "5"]

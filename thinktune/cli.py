@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from thinktune.errors import TrainingStopped, UserError
+from thinktune.gguf_export import add_arguments as export_arguments  # light: no torch, numpy or fastapi
+from thinktune.serve import add_arguments as serve_arguments
 
 
 def trust_argument(p: argparse.ArgumentParser) -> None:
@@ -155,6 +157,10 @@ COMMANDS = (
             "thinktune.report:report_command"),
     Command("estimate", "how much GPU memory a model/mode/batch needs (no model: the R1 table)", estimate_arguments,
             "thinktune.memory.advice:estimate_command"),
+    Command("export", "write a GGUF (f16/bf16/q8_0) + Ollama Modelfile from an adapter or a merged folder",
+            export_arguments, "thinktune.gguf_export:export_command"),
+    Command("serve", "OpenAI-compatible server over one base and its adapters (thinking in reasoning_content)",
+            serve_arguments, "thinktune.serve:serve_command"),
 )
 
 

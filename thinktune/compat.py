@@ -1,7 +1,7 @@
 """Every use of a library's private API, in one place, each with the versions it was checked on.
 
-thinktune leans on five things its libraries do not promise (and on one public API renamed in
-transformers 5, activation checkpointing, switched here by version). Each is one small function here, with
+thinktune leans on six things its libraries do not promise (and on two public APIs renamed in
+transformers 5, activation checkpointing and the KV-cache argument, switched here by version). Each is one small function here, with
 a test in tests/test_compat.py that fails when a new release changes it (so an upgrade breaks one
 named test, not a training run). Checked on this project's machine with torch 2.13.0, transformers
 5.24.0 and peft 0.21.2; the GPU benchmarks of 2026-11-28 ran them on torch 2.11, transformers 5.17
@@ -93,3 +93,23 @@ def clear_gguf_quantization(model: Any) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def kv_cache_argument(model: Any) -> str:
+    """The name of the KV cache in a causal LM's forward() (argument and output field) for a token-by-token loop.
+
+    transformers 5.24 calls it `cache` (and warns that `past_key_values` goes away in 5.40); 4.56-5.1x call it
+    `past_key_values`. Read from the forward signature of the model under a PEFT wrapper. Used by serve_engine.
+    """
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def qwen2_pretokenize_regex() -> str:
+    """The split regex of Qwen2's tokenizer (`PRETOKENIZE_REGEX` of transformers' Qwen2 tokenizer module, 4.56-5.24;
+    not exported at the top level). gguf_export uses it to name a Qwen2 pre-tokenizer for llama.cpp ('qwen2')."""
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    return PRETOKENIZE_REGEX

@@ -64,11 +64,14 @@ def adapter_base_config(adapter_dir: Path, base: str | None = None, overrides: d
 
 def load_with_adapter(adapter_dir: str | Path | None, base: str | None = None,
                       overrides: dict[str, Any] | None = None,
-                      trust_remote_code: bool = False) -> tuple[Any, Any, ModelConfig]:
+                      trust_remote_code: bool = False, dequantize_base: bool = False) -> tuple[Any, Any, ModelConfig]:
     """(model, tokenizer, model config): base alone, or base + adapter as a PeftModel in eval mode.
 
     trust_remote_code: let the base model's and the tokenizer's own Python code run; only the
     user sets it (`--trust-remote-code`, model.trust_remote_code in their YAML).
+    dequantize_base: load a 4-bit/8-bit base as configured, then dequantise it (bitsandbytes' own
+    dequantisation through transformers) before the adapter goes on, so a merge adds the adapter to
+    the very weights it was trained against.
     """
     if adapter_dir is None:
         if not base:
@@ -89,6 +92,8 @@ def load_with_adapter(adapter_dir: str | Path | None, base: str | None = None,
     tok_source = ModelSource(str(folder)) if (folder / "tokenizer_config.json").is_file() else source
     tokenizer = load_tokenizer(tok_source, model_cfg.trust_remote_code)
     model = load_base_model(model_cfg, source)
+    if dequantize_base and getattr(model, "is_quantized", False):
+        model = model.dequantize()
     try:
         model = PeftModel.from_pretrained(model, str(folder))
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -97,33 +102,53 @@ def load_with_adapter(adapter_dir: str | Path | None, base: str | None = None,
 
 
 MERGE_LOAD = {"load_in_4bit": False, "load_in_8bit": False, "dtype": "fp32", "device": "cpu"}
-"""How merge loads the base: full precision on the host, whatever the machine has (see `merge`)."""
+"""How merge loads a 16-bit run's base: full precision on the host, whatever the machine has (see `merge`)."""
 
 
 def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", base: str | None = None,
-          trust_remote_code: bool = False) -> Path:
-    """Merge the adapter into an fp32 copy of its base, then save the result in `dtype` (bf16 by default).
+          template: str | None = None, log: Any = print, trust_remote_code: bool = False) -> Path:
+    """Merge the adapter into a full-precision copy of its base, then save the result in `dtype` (bf16 by default).
 
     W + scale * B @ A is computed in fp32 and rounded to `dtype` once, on the host, so the merged
     weights are the same on a GPU machine and a CPU one (host memory: 4 bytes per base parameter,
-    about 30 GB for a 7B model). A QLoRA adapter is merged into the unquantised base.
+    about 30 GB for a 7B model). A 4-bit (QLoRA) run is merged into its base as it was trained,
+    4-bit and dequantised, which needs a CUDA GPU; without one the full-precision base is used.
+    The run's prompt template goes with it: `thinktune.json` names it and the tokenizer's chat
+    template renders it (see thinktune.prompt_record).
     """
+    from thinktune.data import PromptFormat
+    from thinktune.prompt_record import chat_template, resolve_template, write_record
+
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose a new folder (nothing was written)")
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
-    model, tokenizer, _ = load_with_adapter(adapter_dir, base, MERGE_LOAD, trust_remote_code)
+    folder = check_adapter_dir(adapter_dir)
+    name, where = resolve_template(folder, base, template)
+    trained_4bit = adapter_base_config(folder, base).load_in_4bit
+    if trained_4bit and torch.cuda.is_available():
+        log("4-bit run: merging into the dequantised 4-bit base (the weights the adapter was trained against)")
+        model, tokenizer, _ = load_with_adapter(folder, base, {"dtype": dtype}, trust_remote_code, dequantize_base=True)
+    else:
+        if trained_4bit:
+            log("4-bit run on a machine without CUDA: merging into the full-precision base (dequantising the "
+                "4-bit base needs bitsandbytes on a GPU)")
+        model, tokenizer, _ = load_with_adapter(folder, base, MERGE_LOAD, trust_remote_code)
     merged = model.merge_and_unload()
     merged = merged.to(DTYPES[dtype])
     merged.config.use_cache = True
+    fmt = PromptFormat(name, tokenizer)
+    tokenizer.chat_template = chat_template(fmt)
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
+    write_record(tmp, name, adapter=str(folder.resolve()), template_from=where)
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
+    log(f"prompt template: {name} (from {where}); recorded in {out / 'thinktune.json'} and the tokenizer's chat template")
     return out
 
 

@@ -20,6 +20,7 @@ from thinktune.checkpoint import read_run_config
 from thinktune.data import PromptFormat, Sample, encode_prompt, eos_id, split_thinking
 from thinktune.errors import UserError
 from thinktune.export import load_with_adapter
+from thinktune.prompt_record import resolve_template
 
 
 @dataclass
@@ -181,7 +182,10 @@ def generate(questions: Iterable[str], adapter: str | None = None, base: str | N
     trust_remote_code: the user's permission for the model's own code (never read from the adapter folder).
     """
     model, tokenizer, _ = load_with_adapter(adapter, base, trust_remote_code=trust_remote_code)
-    fmt = prompt_format(adapter, template, tokenizer)
+    name, where = resolve_template(adapter, base, template)
+    out(f"prompt template: {name} (from {where})")
+    data = saved_data_config(adapter)
+    fmt = PromptFormat(name, tokenizer, data.get("instruction"), data.get("history_thinking", "drop"))
     results = []
     for question in questions:
         out(f"\n### {question}")
