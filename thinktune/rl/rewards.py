@@ -62,7 +62,7 @@ _NUMERIC_REFERENCE = re.compile(r"\s*([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|
 _LETTER_REFERENCE = re.compile(r"\s*\(?([A-J])\)?(?:[.:)]\s*.*)?\s*", re.DOTALL)
 _LETTER_IN_ANSWER = [
     re.compile(r"\banswer(?:\s+is)?\s*[:\-]?\s*\(?([A-J])\)?(?![\w])"),
-    re.compile(r"^\s*\(?([A-J])\)?(?:[.:)]|\s|$)"),
+    re.compile(r"^\s*\(?([A-J])(?:[.:)]|\s*$)"),
     re.compile(r"\(([A-J])\)"),
     re.compile(r"\boption\s+([A-J])\b", re.IGNORECASE),
 ]
@@ -171,6 +171,11 @@ def load_user_reward(spec: str, index: int) -> Callable[..., float]:
     return fn
 
 
+def _extra(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's columns as keyword arguments, without those that would clash with the three positional ones."""
+    return {k: v for k, v in row.items() if k not in ("prompt", "completion", "reference") and k.isidentifier()}
+
+
 def build_rewards(cfg: RLConfig) -> list[tuple[str, float, RewardFn]]:
     """(name, weight, function of (completion, reference, row)) for each entry of rl.rewards."""
     weights = cfg.reward_weights or [1.0] * len(cfg.rewards)
@@ -186,7 +191,7 @@ def build_rewards(cfg: RLConfig) -> list[tuple[str, float, RewardFn]]:
             fn = lambda c, ref, row, budget=cfg.max_thinking_tokens: length_reward(c, budget)  # noqa: E731
         elif ":" in name:
             user = load_user_reward(name, index)
-            fn = lambda c, ref, row, user=user: user(c.prompt, c.text, ref, **row)  # noqa: E731
+            fn = lambda c, ref, row, user=user: user(c.prompt, c.text, ref, **_extra(row))  # noqa: E731
         else:  # the config already refused it; kept for callers that build an RLConfig by hand
             raise UserError(f"rl.rewards[{index}] = {name!r} is not one of {', '.join(REWARD_NAMES)} nor 'module:function'")
         built.append((name, float(weight), fn))
