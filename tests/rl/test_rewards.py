@@ -77,7 +77,7 @@ def test_score_weights_and_components(tmp_path: Path, monkeypatch):
     cfg = RLConfig(rewards=["format", "accuracy", "f1", "length", "my_rewards:brevity"],
                    reward_weights=[0.5, 1.0, 0.25, 1.0, 2.0], max_thinking_tokens=8)
     rewards = build_rewards(cfg)
-    items = [completion("Metformin is first line.", thinking_tokens=12), completion("Insulin", stopped=False)]
+    items = [completion("Metformin is first line.", thinking_tokens=12), completion("Insulin", stopped=False, thinking_tokens=8)]
     scores = score(items, ["metformin", "Metformin"], [{"topic": "endo", "completion": "clash"}, {"topic": "x"}], rewards)
     assert scores.components["format"] == [1.0, pytest.approx(2 / 3)]
     assert scores.components["accuracy"] == [1.0, 0.0]
