@@ -72,7 +72,7 @@ def test_length_reward_budget():
 def test_score_weights_and_components(tmp_path: Path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(
         "def brevity(prompt, completion, reference, **row):\n"
-        "    return 1.0 if len(completion) < 40 and row['topic'] == 'endo' else 0.0\n")
+        "    return 1.0 if len(completion) < 60 and row['topic'] == 'endo' else 0.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = RLConfig(rewards=["format", "accuracy", "f1", "length", "my_rewards:brevity"],
                    reward_weights=[0.5, 1.0, 0.25, 1.0, 2.0], max_thinking_tokens=8)
