@@ -102,3 +102,9 @@ def test_bad_user_rewards(tmp_path: Path, monkeypatch):
 def test_config_refuses_unknown_reward():
     with pytest.raises(UserError, match="did you mean 'accuracy'"):
         RLConfig(rewards=["acuracy"])
+
+
+def test_possessives_agree():
+    assert answer_matches("It is Graves disease.", "Graves' disease")
+    assert answer_matches("Hashimoto thyroiditis", "Hashimoto's thyroiditis")
+    assert answer_matches("McBurney’s point", "McBurney's point")

@@ -7,7 +7,7 @@ Built-in components (each a float per completion):
   optional unit) is matched numerically against the answer's first number within `rl.numeric_tolerance`
   (relative); a reference that is a multiple-choice letter (A-J) against the answer's chosen letter;
   any other reference by normalised exact match: the normalised reference (lower case, no punctuation,
-  no articles, single spaces; SQuAD's normalisation) equals the normalised answer or occurs in it as
+  no articles, single spaces; SQuAD's normalisation, possessive 's dropped) equals the normalised answer or occurs in it as
   a run of whole words.
 - `f1`: SQuAD's token F1 between the normalised answer and reference (partial credit).
 - `length`: 0 while the thinking stays within `rl.max_thinking_tokens`, then falls linearly to -1 at
@@ -57,6 +57,7 @@ class Scores:
 # ----------------------------------------------------------------------------- answer matching
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_POSSESSIVE = re.compile(r"['\u2019]s\b")
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 _NUMERIC_REFERENCE = re.compile(r"\s*([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)\s*(%|[^\W\d_][\w/%.^]*)?\s*\.?\s*")
 _LETTER_REFERENCE = re.compile(r"\s*\(?([A-J])\)?(?:[.:)]\s*.*)?\s*", re.DOTALL)
@@ -69,8 +70,9 @@ _LETTER_IN_ANSWER = [
 
 
 def normalize_text(text: str) -> str:
-    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = text.lower()
+    """SQuAD's answer normalisation (lower case, no punctuation, no articles, single spaces), and a possessive
+    's dropped first so that "Graves' disease", "Graves's disease" and "Graves disease" agree."""
+    text = _POSSESSIVE.sub("", text.lower())
     text = "".join(ch for ch in text if ch not in set(string.punctuation))
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
