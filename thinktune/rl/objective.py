@@ -82,9 +82,10 @@ class RolloutBatches:
     """The batch source of a GRPO run: micro-batch i = rollouts for the i-th batch of problems."""
 
     def __init__(self, model: Any, tokenizer: Any, fmt: PromptFormat, problems: list[Problem], rl: RLConfig,
-                 batch_size: int, seed: int):
+                 batch_size: int, seed: int, grad_accum: int = 1, rank: int = 0, world_size: int = 1):
         self.model, self.tokenizer, self.fmt, self.problems, self.rl = model, tokenizer, fmt, problems, rl
         self.batch_size, self.seed = batch_size, seed
+        self.grad_accum, self.rank, self.world_size = grad_accum, rank, world_size
         self.rewards = build_rewards(rl)
         self.eos, self.pad = eos_id(tokenizer), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
         self.per_epoch = math.ceil(len(problems) / batch_size)
@@ -96,6 +97,15 @@ class RolloutBatches:
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, epoch_batches(len(self.problems), self.batch_size, self.seed, epoch)
         return self._batches[index % self.per_epoch]
+
+    @property
+    def per_step(self) -> int:
+        """Micro-batches of the run one optimizer step consumes (over all ranks)."""
+        return self.grad_accum * self.world_size
+
+    def for_step(self, position: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the step starting at micro-batch `position` (as SFT's batch source)."""
+        return self.step([position + self.rank + i * self.world_size for i in range(self.grad_accum)])
 
     def step(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         """One optimizer step's micro-batches, all sampled on the current weights."""
