@@ -180,8 +180,8 @@ class TrainConfig:
     """Stop after this many consecutive steps with NaN/Inf loss or grad norm."""
     spike_factor: float = 10.0
     """Flag a grad-norm spike when the norm exceeds this multiple of the rolling median."""
-    objective: Literal["sft"] = "sft"
-    """What the step minimises: sft = the causal-LM cross-entropy on the completion tokens (thinktune/objective.py)."""
+    objective: Literal["sft", "grpo"] = "sft"
+    """What the step minimises: sft = the causal-LM cross-entropy on the completion tokens (thinktune/objective.py); grpo = reinforcement learning with verifiable rewards on the rl section's problems (thinktune/rl/objective.py)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Several processes (--gpus N / torchrun): ddp = whole model per GPU; fsdp = FSDP2 shards base + adapters (not 4/8-bit)."""
 

@@ -83,8 +83,11 @@ def test_grpo_trains_logs_and_resumes_exactly(tiny_qwen2: Path, tmp_path: Path, 
 
     # SIGTERM while scoring the rollouts of step 3: the loop finishes step 3, saves checkpoint-3 and stops
     stopped = tmp_path / "stopped"
-    per_step = 2 * 2 * 3  # micro-batches x problems x completions
-    monkeypatch.setenv("THINKTUNE_TEST_SIGTERM_AT_REWARD", str(2 * per_step + 1))
+    import grpo_test_rewards
+
+    grpo_test_rewards.calls["n"] = 0
+    per_step = 2 * 2 * 3  # micro-batches x problems x completions; the step-0 evaluation scores 3 answers first
+    monkeypatch.setenv("THINKTUNE_TEST_SIGTERM_AT_REWARD", str(3 + 2 * per_step + 1))
     summary = train(config(tiny_qwen2, stopped, rewards_module), log=quiet)
     monkeypatch.delenv("THINKTUNE_TEST_SIGTERM_AT_REWARD")
     assert summary["stopped_early"] and summary["step"] == 3

@@ -40,11 +40,10 @@ def source(setup, **rl) -> RolloutBatches:
 def test_same_position_same_rollouts(setup):
     batches = source(setup)
     first, again, other = batches.batch(3), batches.batch(3), batches.batch(1)
-    assert first["completion_ids"].shape[0] > 0
-    for key in ("prompt_ids", "completion_ids", "completion_mask", "advantages"):
+    assert first["input_ids"].shape[0] > 0
+    for key in ("input_ids", "attention_mask", "loss_mask", "advantages", "stopped"):
         assert torch.equal(first[key], again[key])
-    assert first["completion_ids"].shape != other["completion_ids"].shape or \
-        not torch.equal(first["completion_ids"], other["completion_ids"])
+    assert first["input_ids"].shape != other["input_ids"].shape or not torch.equal(first["input_ids"], other["input_ids"])
     stats = batches.take_stats().summary()
     assert stats["groups"] == 6 and stats["format_rate"] == 0.0 and "reward/rl_test_rewards:text_length" in stats
     assert batches.take_stats().completions == 0  # taken
@@ -53,7 +52,7 @@ def test_same_position_same_rollouts(setup):
 def test_zero_variance_groups_are_dropped_and_counted(setup):
     batches = source(setup, temperature=0.0)  # greedy: the 3 completions of a prompt are equal
     batch = batches.batch(0)
-    assert batch["completion_ids"].shape[0] == 0
+    assert batch["input_ids"].shape[0] == 0
     stats = batches.take_stats()
     assert (stats.groups, stats.zero_variance_groups, stats.completions) == (2, 2, 6)
     model = setup[0]
@@ -66,7 +65,7 @@ def test_zero_variance_groups_are_dropped_and_counted(setup):
 def test_loss_gives_adapter_gradients(setup, normalization: str):
     batches = source(setup, temperature=1.5, loss_normalization=normalization, beta=0.1, rewards=["rl_test_rewards:text_length"])
     objective = GRPOObjective(batches.rl)
-    batch = next(b for b in (batches.batch(i) for i in range(8)) if b["completion_ids"].shape[0])
+    batch = next(b for b in (batches.batch(i) for i in range(8)) if b["input_ids"].shape[0])
     assert "ref_logps" in batch and not batch["ref_logps"].requires_grad
     out = objective.loss(setup[0], batch)
     assert out.count == objective.count(batch) > 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -30,6 +31,7 @@ import torch
 
 from thinktune.config import RLConfig
 from thinktune.data import PromptFormat, eos_id, epoch_batches
+from thinktune.objective import ObjectiveOutput
 from thinktune.rl.loss import PolicyLoss, group_advantages, policy_loss
 from thinktune.rl.problems import Problem
 from thinktune.rl.rewards import Completion, answer_matches, build_rewards, format_reward, score
@@ -56,6 +58,7 @@ class RolloutStats:
     truncated: int = 0
     groups: int = 0
     zero_variance_groups: int = 0
+    rollout_seconds: float = 0.0
     kl_sum: float = 0.0
     clipped_tokens: int = 0
     loss_tokens: int = 0
@@ -73,6 +76,7 @@ class RolloutStats:
         out.update({"accuracy": round(self.correct / n, 6), "format_rate": round(self.well_formed / n, 6),
                     "completion_length": round(self.completion_tokens / n, 2), "truncation_rate": round(self.truncated / n, 6),
                     "zero_variance_groups": self.zero_variance_groups, "groups": self.groups,
+                    "rollout_seconds": round(self.rollout_seconds, 3),
                     "kl": round(self.kl_sum / max(1, self.loss_tokens), 6),
                     "clip_fraction": round(self.clipped_tokens / max(1, self.loss_tokens), 6)})
         return out
@@ -116,9 +120,11 @@ class RolloutBatches:
         problems = [self.problems[j] for j in self.indices(index)]
         questions = [p.question for p in problems for _ in range(group)]
         device = next(self.model.parameters()).device
+        started = time.perf_counter()
         rollout = sample(self.model, prompt_token_ids(self.fmt, self.tokenizer, questions), eos_id=self.eos,
                          pad_id=self.pad, max_new_tokens=rl.max_completion_tokens, temperature=rl.temperature,
                          top_p=rl.top_p, generator=rollout_generator(self.seed, index, device))
+        self.stats.rollout_seconds += time.perf_counter() - started
         completions = decode_completions(rollout, self.tokenizer, [self.fmt.prompt(q) for q in questions])
         references = [p.reference for p in problems for _ in range(group)]
         rows = [p.row for p in problems for _ in range(group)]
@@ -128,11 +134,9 @@ class RolloutBatches:
         keep = (~advantages.zero_variance).repeat_interleave(group)
         kept = Rollout(*(t[keep] for t in (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
                                             rollout.completion_mask, rollout.stopped)))
-        batch = trim(kept)
-        loss_mask = batch["completion_mask"].clone()
+        batch = as_batch(kept)
         if rl.mask_truncated_completions:
-            loss_mask[~batch["stopped"]] = 0
-        batch["loss_mask"] = loss_mask
+            batch["loss_mask"][~batch["stopped"]] = 0
         batch["advantages"] = advantages.advantages[keep]
         if rl.beta > 0 and int(keep.sum()):
             with torch.no_grad():
@@ -158,31 +162,45 @@ class RolloutBatches:
                                "reference": references[0], "reward": totals[0]})
 
     def take_stats(self) -> RolloutStats:
-        """The stats since the last call (the loop calls it when it logs)."""
+        """The stats since the last call."""
         stats, self.stats = self.stats, RolloutStats()
         return stats
 
+    def window_metrics(self) -> dict[str, Any]:
+        """What the rollouts since the last call looked like (the loop logs it with each train record)."""
+        return self.take_stats().summary()
 
-def trim(rollout: Rollout) -> dict[str, torch.Tensor]:
-    """The rollout as a micro-batch dict, with the all-padding columns on either side cut off."""
+
+def as_batch(rollout: Rollout) -> dict[str, torch.Tensor]:
+    """The rollout as a micro-batch: input_ids / attention_mask = prompt then completion (the columns that are
+    padding in every row cut off), `loss_mask` over the last `loss_mask.shape[1]` positions, `stopped`."""
     prompt_used = rollout.prompt_mask.any(dim=0).nonzero()
     start = int(prompt_used[0]) if len(prompt_used) else rollout.prompt_mask.shape[1]
     width = int(rollout.completion_mask.sum(dim=1).max()) if len(rollout.completion_mask) else 0
-    return {"prompt_ids": rollout.prompt_ids[:, start:], "prompt_mask": rollout.prompt_mask[:, start:],
-            "completion_ids": rollout.completion_ids[:, :width], "completion_mask": rollout.completion_mask[:, :width],
-            "stopped": rollout.stopped}
+    completion_mask = rollout.completion_mask[:, :width]
+    return {"input_ids": torch.cat([rollout.prompt_ids[:, start:], rollout.completion_ids[:, :width]], dim=1),
+            "attention_mask": torch.cat([rollout.prompt_mask[:, start:], completion_mask], dim=1),
+            "loss_mask": completion_mask.clone(), "stopped": rollout.stopped}
 
 
 def as_rollout(batch: dict[str, torch.Tensor]) -> Rollout:
-    return Rollout(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"],
-                   batch["stopped"])
+    width = batch["loss_mask"].shape[1]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return Rollout(ids[:, : ids.shape[1] - width], mask[:, : mask.shape[1] - width], ids[:, ids.shape[1] - width:],
+                   mask[:, mask.shape[1] - width:], batch["stopped"])
 
 
 class GRPOObjective:
-    """The loss of a GRPO micro-batch: forward on prompt + completion, clipped surrogate, normalisation."""
+    """The loss of a GRPO micro-batch (objective.Objective): forward on prompt + completion, clipped
+    surrogate (+ beta x KL), normalisation. Reads input_ids, attention_mask, loss_mask, advantages,
+    stopped and, with rl.beta > 0, ref_logps. KL and clipped-token counts go to `stats` (the batch
+    source's window), so that they are logged with the rollouts that produced them."""
 
-    def __init__(self, rl: RLConfig):
+    name = "grpo"
+
+    def __init__(self, rl: RLConfig, stats_owner: RolloutBatches | None = None):
         self.rl = rl
+        self.stats_owner = stats_owner
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """What the micro-batch adds to the step's normaliser (known before the forward)."""
@@ -193,10 +211,19 @@ class GRPOObjective:
             return int(batch["loss_mask"].sum())
         return rows * self.rl.max_completion_tokens
 
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        out = self.loss(model, batch)
+        if self.stats_owner is not None:
+            stats = self.stats_owner.stats
+            stats.kl_sum += out.kl_sum
+            stats.clipped_tokens += out.clipped_tokens
+            stats.loss_tokens += out.tokens
+        return ObjectiveOutput(out.numerator)
+
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> PolicyLoss:
         rl = self.rl
         if batch["loss_mask"].shape[0] == 0:  # every group had equal rewards: nothing to learn from
-            zero = torch.zeros((), requires_grad=True, device=next(model.parameters()).device)
+            zero = torch.zeros((), requires_grad=True, device=batch["input_ids"].device)
             return PolicyLoss(zero, 0, 0.0, 0, 0)
         logps = completion_logps(model, as_rollout(batch), rl.temperature)
         mask = batch["loss_mask"].to(logps.device)
@@ -205,6 +232,14 @@ class GRPOObjective:
                            epsilon_low=rl.epsilon_low, epsilon_high=rl.epsilon_high, beta=rl.beta,
                            ref_logps=ref.to(logps.device) if ref is not None else None,
                            normalization=rl.loss_normalization, max_completion_tokens=rl.max_completion_tokens)
+
+
+def build_grpo(run: Any, rank: int = 0, world_size: int = 1) -> tuple[GRPOObjective, RolloutBatches]:
+    """The objective and the batch source of a `train.objective: grpo` run (a setup.Run with its problems)."""
+    cfg = run.cfg
+    batches = RolloutBatches(run.model, run.tokenizer, run.fmt, run.train_problems, cfg.rl, cfg.train.batch_size,
+                             cfg.train.seed, cfg.train.grad_accum, rank, world_size)
+    return GRPOObjective(cfg.rl, batches), batches
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from thinktune.config import DataConfig, RLConfig
-from thinktune.data import SAMPLE_DIR, DataReport, _load_table, resolve_data_path
+from thinktune.data import SAMPLE_DIR, DataReport, _load_table, carve_eval, resolve_data_path
 from thinktune.errors import UserError, did_you_mean
 
 VERIFIABLE_SAMPLES = {
@@ -79,3 +79,15 @@ def load_problems(path: str, data: DataConfig, rl: RLConfig, split: str | None =
         raise UserError(f"{path}: no usable problems ({report.rows_read} rows read, {report.skipped_bad} with empty "
                         f"or non-text fields)")
     return problems, report
+
+
+def load_problem_splits(data: DataConfig, rl: RLConfig, seed: int) -> tuple[list[Problem], list[Problem], list[DataReport]]:
+    """Train and held-out problems by the rules of `data.load_splits`: data.eval_path / eval_split when set,
+    else data.eval_size problems carved from train with the run's seed, else none."""
+    train, report = load_problems(data.path, data, rl)
+    if data.eval_path or data.eval_split:
+        held, held_report = load_problems(data.eval_path or data.path, data, rl, data.eval_split)
+        held_report.source = f"eval {held_report.source}"
+        return train, held, [report, held_report]
+    train, held = carve_eval(train, data.eval_size, seed)  # type: ignore[arg-type]
+    return train, held, [report]  # type: ignore[return-value]
