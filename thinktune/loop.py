@@ -493,6 +493,12 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
     if resume_from is not None:
         check_compatible(resume_from, cfg)
         ckpt.check_checkpoint_files(resume_from)  # a corrupt checkpoint fails here, before anything is written
+    start = Path(cfg.model.adapter) if cfg.model.adapter and resume_from is None else None
+    if start is not None:  # continue a first stage's adapter (checked before anything is loaded or written)
+        if not start.is_dir():
+            raise UserError(f"model.adapter: adapter folder {start} not found (train the first stage into it, e.g. "
+                            f"`thinktune demo`, or set model.adapter=null to start from the base)")
+        check_compatible(start, cfg)
     if not in_place and parallel.is_main:
         ckpt.check_output_dir(output_dir, overwrite)  # fail before the slow loading
     if parallel.is_main and (warning := preflight(cfg)):
@@ -504,12 +510,7 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
         log(f"notice: checkpoints newer than step {info.step} moved to {aside} (this run continues from step {info.step})")
     parallel.barrier()
     parallel.shard(run.model, precision_dtype(cfg.train.precision, run.device))
-    if cfg.model.adapter and resume_from is None:
-        start = Path(cfg.model.adapter)
-        if not start.is_dir():
-            raise UserError(f"model.adapter: adapter folder {start} not found (train the first stage into it, e.g. "
-                            f"`thinktune demo`, or set model.adapter=null to start from the base)")
-        check_compatible(start, cfg)
+    if start is not None:
         load_adapter_weights(run.model, start)
         log(f"starting from the adapter in {start}")
     if cfg.train.objective == "grpo":

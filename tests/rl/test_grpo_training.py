@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from thinktune import checkpoint as ckpt
 from thinktune.config import load_config
+from thinktune.errors import UserError
 from thinktune.loop import train
 from thinktune.metrics import read_metrics
+from thinktune.report import build_report
 
 REWARDS = '''
 import os, signal
@@ -80,6 +82,11 @@ def test_grpo_trains_logs_and_resumes_exactly(tiny_qwen2: Path, tmp_path: Path, 
     base = adapter(straight / "checkpoint-2")
     assert any(not torch.equal(final[k], base[k]) for k in final)  # it learned something
     json.loads((straight / "adapter_config.json").read_text())  # a PEFT adapter
+    html_path, md_path = build_report(straight, log=quiet)  # reward curves and the before/after table
+    assert {"reward.png", "rl_accuracy.png", "completion_length.png", "loss.png"} <= {p.name for p in (straight / "plots").iterdir()}
+    page = md_path.read_text()
+    assert "Reinforcement learning: held-out problems before vs after" in page and "| accuracy |" in page
+    assert "RL: mean reward" in page and "Reinforcement learning" in html_path.read_text()
 
     # SIGTERM while scoring the rollouts of step 3: the loop finishes step 3, saves checkpoint-3 and stops
     stopped = tmp_path / "stopped"
@@ -113,6 +120,11 @@ def test_starts_from_an_sft_adapter(tiny_qwen2: Path, tmp_path: Path, rewards_mo
     first = [r for r in read_metrics(out) if r["kind"] == "eval"][0]
     assert first["step"] == 0
     assert ckpt.list_checkpoints(out)
+    missing = config(tiny_qwen2, tmp_path / "never", rewards_module)
+    missing.model.adapter = str(tmp_path / "no-such-adapter")
+    with pytest.raises(UserError, match="model.adapter: adapter folder .* not found"):
+        train(missing, log=quiet)
+    assert not (tmp_path / "never").exists()  # refused before anything was written
 
 
 def test_rl_configs_load():

@@ -78,7 +78,8 @@ class RolloutStats:
                     "zero_variance_groups": self.zero_variance_groups, "groups": self.groups,
                     "rollout_seconds": round(self.rollout_seconds, 3),
                     "kl": round(self.kl_sum / max(1, self.loss_tokens), 6),
-                    "clip_fraction": round(self.clipped_tokens / max(1, self.loss_tokens), 6)})
+                    "clip_fraction": round(self.clipped_tokens / max(1, self.loss_tokens), 6),
+                    "samples": self.samples})
         return out
 
 
