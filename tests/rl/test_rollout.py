@@ -1,6 +1,7 @@
 """Rollouts: greedy equals `thinktune generate`, sampling is reproducible, top-p matches transformers."""
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,25 @@ def test_training_logps_match_the_sampling_distribution(lora_model):
             expected = full[len(prompt) - 1 + t, rollout.completion_ids[row, t]]
             assert torch.allclose(logps[row, t], expected, atol=1e-4)
     assert not torch.allclose(logps, ref)
+
+
+def test_rollouts_on_the_fast_path_match_the_plain_model(tiny_qwen2: Path, tmp_path: Path):
+    """The fused modules (LoRA projections, SwiGLU, RMSNorm, packed-attention registration) under the KV cache."""
+    from conftest import tiny_config
+    from thinktune.setup import prepare_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    prompts = prompt_token_ids(PromptFormat("seed-en", tokenizer), tokenizer, QUESTIONS)
+    rollouts = []
+    for fast_path in ("off", "on"):
+        cfg = tiny_config(tiny_qwen2, tmp_path / fast_path, train={"fast_path": fast_path})
+        model, fast = prepare_model(cfg, AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32),
+                                    torch.device("cpu"), log=lambda m: None)
+        assert (fast is not None) == (fast_path == "on")
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.5, generator=torch.Generator().manual_seed(zlib.crc32(name.split("lora_B")[0].encode())))
+        rollouts.append(sample(model, prompts, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                               max_new_tokens=10, temperature=0.0))
+    assert torch.equal(rollouts[0].completion_ids, rollouts[1].completion_ids)
