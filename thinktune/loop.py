@@ -519,8 +519,9 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
         objective, batches = select_objective(run, parallel, log), batch_source(run, parallel)
     trainer = Trainer(run, objective, batches, log, parallel)
     tcfg = cfg.train
-    log(f"global batch: {tcfg.batch_size} sequences/device x {tcfg.grad_accum} accumulation x {parallel.world_size} "
-        f"process(es) = {tcfg.batch_size * tcfg.grad_accum * parallel.world_size} sequences per optimizer step")
+    unit = f"prompts (x {cfg.rl.group_size} completions)" if tcfg.objective == "grpo" else "sequences"
+    log(f"global batch: {tcfg.batch_size} {unit}/device x {tcfg.grad_accum} accumulation x {parallel.world_size} "
+        f"process(es) = {tcfg.batch_size * tcfg.grad_accum * parallel.world_size} {unit} per optimizer step")
     summary = trainer.fit(resume_from)
     if summary["stopped_early"]:
         again = command or "thinktune train <config> --resume latest"
