@@ -131,7 +131,8 @@ class RolloutBatches:
         rows = [p.row for p in problems for _ in range(group)]
         scores = score(completions, references, rows, self.rewards)
         advantages = group_advantages(torch.tensor(scores.total), group, rl.scale_rewards)
-        self.record(completions, references, scores.components, scores.total, rollout, advantages.zero_variance)
+        self.record(questions, completions, references, scores.components, scores.total, rollout,
+                    advantages.zero_variance)
         keep = (~advantages.zero_variance).repeat_interleave(group)
         kept = Rollout(*(t[keep] for t in (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
                                             rollout.completion_mask, rollout.stopped)))
@@ -145,8 +146,9 @@ class RolloutBatches:
                                                       disable_adapter=True).cpu()
         return batch
 
-    def record(self, completions: Sequence[Completion], references: Sequence[str], components: dict[str, list[float]],
-               totals: list[float], rollout: Rollout, zero_variance: torch.Tensor) -> None:
+    def record(self, questions: Sequence[str], completions: Sequence[Completion], references: Sequence[str],
+               components: dict[str, list[float]], totals: list[float], rollout: Rollout,
+               zero_variance: torch.Tensor) -> None:
         st = self.stats
         for name, values in components.items():
             st.components.setdefault(name, []).extend(values)
@@ -159,7 +161,7 @@ class RolloutBatches:
         st.groups += int(zero_variance.numel())
         st.zero_variance_groups += int(zero_variance.sum())
         if not st.samples and completions:  # one example per logging window, for the report
-            st.samples.append({"question": completions[0].prompt, "completion": completions[0].text,
+            st.samples.append({"question": questions[0], "completion": completions[0].text,
                                "reference": references[0], "reward": totals[0]})
 
     def take_stats(self) -> RolloutStats:
