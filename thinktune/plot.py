@@ -19,6 +19,7 @@ from typing import Any, Callable
 from thinktune.checkpoint import read_run_config
 from thinktune.errors import UserError
 from thinktune.metrics import METRICS_FILE, read_metrics, spike_summary
+from thinktune.rl.curves import rl_figures
 
 PLOTS_DIR = "plots"
 COLORS = {"train": "#1f77b4", "eval": "#d62728", "grad": "#2ca02c", "clip": "#ff7f0e", "spike": "#d62728",
@@ -65,7 +66,7 @@ def series(records: list[dict[str, Any]]) -> Series:
             if r.get("peak_mem_gib") is not None:
                 s.mem_steps.append(r["step"])
                 s.peak_mem_gib.append(r["peak_mem_gib"])
-        elif kind == "eval":
+        elif kind == "eval" and "eval_loss" in r:  # RL evaluations score answers instead (thinktune.rl.curves)
             s.eval_steps.append(r["step"])
             s.eval_loss.append(r["eval_loss"])
         elif kind == "summary":
@@ -201,6 +202,7 @@ def plot_run(output_dir: str | Path) -> list[Path]:
         raise UserError(f"{folder / METRICS_FILE} not found or empty: nothing to plot (is {folder} a run's output_dir?)")
     s = series(records)
     figs = figures(s, spike_factor_of(folder))
+    figs.update(rl_figures(records))
     if not figs:
         raise UserError(f"{folder / METRICS_FILE} holds no logged training step yet")
     out = folder / PLOTS_DIR

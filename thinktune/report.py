@@ -25,11 +25,12 @@ from thinktune.errors import UserError
 from thinktune.evaluate import EVAL_FILE, learning_figures, read_eval, table_rows
 from thinktune.metrics import METRICS_FILE, read_metrics
 from thinktune.plot import PLOTS_DIR, plot_run, series, spike_caption
+from thinktune.rl.curves import RL_CURVES, rl_check_line, rl_summary
 
 HTML_FILE, MD_FILE = "report.html", "report.md"
 HISTOGRAM = "token_lengths.png"
 CURVES = [("loss", "Loss"), ("grad_norm", "Gradient norm (pre-clip)"), ("lr", "Learning rate"),
-          ("tokens_per_s", "Throughput"), ("memory", "Peak GPU memory")]
+          ("tokens_per_s", "Throughput"), ("memory", "Peak GPU memory")] + RL_CURVES
 TARGET_LOSS_DROP, TARGET_FORMAT_OK = 0.20, 0.90  # the demo's bar (issue 5): eval loss -20%, 90% well-formed
 
 
@@ -107,13 +108,18 @@ def collect(output_dir: str | Path, answers: int = 3, with_data: bool = True) ->
     spike_factor = config.get("train", {}).get("spike_factor")
     spikes = spike_caption(s, spike_factor) or (f"grad-norm spikes so far: {len(s.spike_steps)} "
                                                 f"(the run has not finished; no summary yet)")
-    data_stats, data_note = data_statistics(cfg, folder) if cfg and with_data else ([], "no thinktune_config.json" if not cfg else None)
+    rl = rl_summary(records)
+    if rl is not None:  # RL problems are questions with reference answers: no token statistics to recompute
+        data_stats, data_note = [], f"verifiable problems from {config.get('data', {}).get('path', '?')} (RL run)"
+    else:
+        data_stats, data_note = data_statistics(cfg, folder) if cfg and with_data else ([], "no thinktune_config.json" if not cfg else None)
     if data_stats:
         fig = histogram_figure(data_stats, cfg.data.max_seq_length)
         fig.savefig(folder / PLOTS_DIR / HISTOGRAM)
     evaluation = read_eval(folder / EVAL_FILE)
     return {"run": run, "config": config, "spikes": spikes, "plots": [p.name for p in plots], "data": data_stats,
             "data_note": data_note, "eval": evaluation, "answers": (evaluation or {}).get("answers", [])[:answers],
+            "rl": rl,
             "created": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -231,6 +237,8 @@ def render_html(info: dict[str, Any], plots_dir: Path) -> str:
     else:
         parts.append('<p class="note">No eval.json with base and tuned columns: run <code>thinktune eval --adapter '
                      f'{_e(run["output_dir"])}</code> and rebuild this report.</p>')
+    if info["rl"]:
+        parts.append(f'<p class="check">RL: {_e(rl_check_line(info["rl"]))}</p>')
     parts.append(f'<p class="check">{_e(info["spikes"])}</p>')
     parts.append("<h2>Run</h2>" + _table(None, [list(r) for r in run_rows(run)]))
     curves = [_img(plots_dir / f"{name}.png", title) for name, title in CURVES if f"{name}.png" in info["plots"]]
@@ -241,6 +249,17 @@ def render_html(info: dict[str, Any], plots_dir: Path) -> str:
         parts.append(f"<h2>Evaluation: base vs tuned</h2><p class=note>{ev['rows']} held-out rows from {_e(ev['data'])}; "
                      f"greedy decoding, max_new_tokens {ev['max_new_tokens']}; lengths in {_e(ev['length_unit'])}; loss on "
                      f"{ev.get('loss_rows', ev['rows'])} rows tokenised as in training.</p>" + _table(header, rows))
+    if info["rl"]:
+        rl = info["rl"]
+        parts.append(f"<h2>Reinforcement learning: held-out problems before vs after</h2><p class=note>greedy answers to "
+                     f"{rl['problems']} held-out problems at step {rl['before_step']} and step {rl['after_step']}</p>"
+                     + _table(["", f"step {rl['before_step']}", f"step {rl['after_step']}"], rl["rows"]))
+        for ex in rl["examples"]:
+            mark = "correct" if ex["correct"] else "wrong"
+            parts.append(_answer_card(f"{ex['question']} (reference: {ex['reference']})", ex["thinking"], ex["answer"], mark))
+        for sample in rl["samples"]:
+            parts.append(f'<details><summary>sampled completion (reward {sample["reward"]:.3f}, reference '
+                         f'{_e(sample["reference"])})</summary><pre class="answer">{_e(sample["completion"])}</pre></details>')
     if info["answers"]:
         parts.append(f"<h2>Answers to {len(info['answers'])} held-out questions</h2>")
         for entry in info["answers"]:
@@ -289,6 +308,8 @@ def render_markdown(info: dict[str, Any]) -> str:
         out.append(f"- {_md(text)} **{'met' if met else 'NOT met'}**")
     if not info["eval"]:
         out.append(f"- no eval.json: run `thinktune eval --adapter {run['output_dir']}` and rebuild this report")
+    if info["rl"]:
+        out.append(f"- RL: {_md(rl_check_line(info['rl']))}")
     out.append(f"- {_md(info['spikes'])}\n")
     out.append("## Run\n\n" + _md_table(["", ""], run_rows(run)) + "\n")
     out.append("## Training curves\n")
@@ -300,6 +321,14 @@ def render_markdown(info: dict[str, Any]) -> str:
         header, rows = table_rows(ev)
         out.append(f"## Evaluation: base vs tuned\n\n{ev['rows']} held-out rows from {ev['data']}; greedy decoding, "
                    f"max_new_tokens {ev['max_new_tokens']}; lengths in {ev['length_unit']}.\n\n" + _md_table(header, rows) + "\n")
+    if info["rl"]:
+        rl = info["rl"]
+        out.append(f"## Reinforcement learning: held-out problems before vs after\n\ngreedy answers to {rl['problems']} "
+                   f"held-out problems\n\n" + _md_table(["", f"step {rl['before_step']}", f"step {rl['after_step']}"],
+                                                      rl["rows"]) + "\n")
+        for ex in rl["examples"]:
+            out.append(f"- {_md(ex['question'])} (reference {_md(ex['reference'])}): {_md(ex['answer'] or '(no answer)')} "
+                       f"— {'correct' if ex['correct'] else 'wrong'}")
     if info["answers"]:
         out.append(f"## Answers to {len(info['answers'])} held-out questions\n")
         for entry in info["answers"]:

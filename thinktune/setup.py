@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -21,6 +21,7 @@ from thinktune.errors import UserError
 from thinktune.fastpath import FastPath, apply_fast_path, compile_layers, fast_path_supported, lora_layer_mapping
 from thinktune.kernels import liger_available
 from thinktune.lora import attach_lora
+from thinktune.rl.problems import Problem, load_problem_splits
 from thinktune.memory.planner import MemoryPlan, plan_memory
 from thinktune.memory.shapes import ModelShape
 from thinktune.model import ModelSource, load_base_model, load_tokenizer, model_summary, pick_device, resolve_source
@@ -41,6 +42,15 @@ class Run:
     device: torch.device
     fast: FastPath | None = None
     """What the fast path changed (None: the plain PEFT path)."""
+    train_problems: list[Problem] = field(default_factory=list)
+    """train.objective=grpo: the verifiable problems to sample on (train_examples is then empty)."""
+    eval_problems: list[Problem] = field(default_factory=list)
+    """train.objective=grpo: the held-out problems scored with greedy answers."""
+
+    @property
+    def train_rows(self) -> int:
+        """Rows one epoch goes through: examples (SFT) or problems (GRPO)."""
+        return len(self.train_problems) if self.cfg.train.objective == "grpo" else len(self.train_examples)
 
 
 def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
@@ -48,19 +58,28 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
     source = resolve_source(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     fmt = PromptFormat.from_config(cfg.data, tokenizer)
-    splits = load_splits(cfg.data, cfg.train.seed)
-    assert splits.train_report is not None
-    reports = [splits.train_report] + ([splits.eval_report] if splits.eval_kind == "file" else [])
-    train_examples = build_examples(splits.train, fmt, tokenizer, cfg.data, splits.train_report)
-    eval_examples = build_examples(splits.eval, fmt, tokenizer, cfg.data, splits.eval_report) if splits.eval else []
+    train_examples: list[Example] = []
+    eval_examples: list[Example] = []
+    train_problems: list[Problem] = []
+    eval_problems: list[Problem] = []
+    if cfg.train.objective == "grpo":  # questions with reference answers, sampled on by the GRPO batch source
+        train_problems, eval_problems, reports = load_problem_splits(cfg.data, cfg.rl, cfg.train.seed)
+    else:
+        splits = load_splits(cfg.data, cfg.train.seed)
+        assert splits.train_report is not None
+        reports = [splits.train_report] + ([splits.eval_report] if splits.eval_kind == "file" else [])
+        train_examples = build_examples(splits.train, fmt, tokenizer, cfg.data, splits.train_report)
+        eval_examples = build_examples(splits.eval, fmt, tokenizer, cfg.data, splits.eval_report) if splits.eval else []
     for r in reports:
         log(r.summary())
     model = load_base_model(cfg.model, source)
     device = pick_device(cfg.model)
-    fixed = len({len(ex.input_ids) for ex in train_examples}) <= 1  # every step has the same shapes
+    # every step has the same shapes (RL completions vary in length)
+    fixed = cfg.train.objective != "grpo" and len({len(ex.input_ids) for ex in train_examples}) <= 1
     model, fast = prepare_model(cfg, model, device, log, fixed_shapes=fixed)
     log(model_summary(model))
-    return Run(cfg, source, tokenizer, fmt, train_examples, eval_examples, reports, model, device, fast)
+    return Run(cfg, source, tokenizer, fmt, train_examples, eval_examples, reports, model, device, fast,
+               train_problems, eval_problems)
 
 
 def prepare_model(cfg: RunConfig, model: Any, device: torch.device, log: Callable[[str], None] = print,
