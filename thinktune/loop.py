@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from thinktune import checkpoint as ckpt
+from thinktune.checks import check_before_loading
 from thinktune.batches import MicroBatches
 from thinktune.config import RunConfig
 from thinktune.distributed import Gathered, Parallel, init_parallel
@@ -77,6 +78,8 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:  # second Ctrl-C: stop now
+            print(f"\n{signal.Signals(signum).name} again: quitting now without saving (the last checkpoint, if "
+                  f"any, stays; continue with --resume latest)", flush=True)
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping", flush=True)
@@ -217,8 +220,11 @@ class Trainer:
         path = ckpt.write_checkpoint(self.output_dir, step, write_files, {"base_model": self.run.source.path})
         self.saved_step = step
         self.log(f"checkpoint saved: {path}")
-        ckpt.prune_checkpoints(self.output_dir, self.cfg.train.save_total_limit,
-                               protect={Path(self.state.best_checkpoint)} if self.state.best_checkpoint else None)
+        removed = ckpt.prune_checkpoints(self.output_dir, self.cfg.train.save_total_limit,
+                                         protect={Path(self.state.best_checkpoint)} if self.state.best_checkpoint else None)
+        if removed:
+            self.log(f"removed {', '.join(p.name for p in removed)} (train.save_total_limit="
+                     f"{self.cfg.train.save_total_limit} keeps the newest{' and the best-eval one' if self.state.best_checkpoint else ''})")
         return path
 
     def restore(self, folder: Path) -> None:
@@ -294,6 +300,7 @@ class Trainer:
         if self.last_eval_step == self.state.step:
             return None
         self.last_eval_step = self.state.step
+        self.log(f"evaluating at step {self.state.step} on {len(self.run.eval_examples)} held-out rows ...")
         try:
             loss, tokens = heldout_loss(self.run.model, self.run.eval_examples, self.cfg.train.batch_size, self.pad_id,
                                          self.run.device, self.amp_dtype)
@@ -455,9 +462,16 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
     parallel = init_parallel(cfg)  # torchrun's processes join here; a single process gets a no-op Parallel
     log = log if parallel.is_main else _quiet
     output_dir = Path(cfg.output.output_dir)
+    if parallel.is_main:
+        check_before_loading(cfg)  # missing files, 4-bit without CUDA, an unreachable hub: before any loading
     info = ckpt.find_resume_checkpoint(output_dir, resume, log) if resume and parallel.is_main else None
     info = parallel.broadcast_object(info)  # rank 0 looks (and tidies leftovers); the others follow
     resume_from = info.path if info else None
+    if info is not None and (finished := finished_run(output_dir, info.step, cfg)) is not None:
+        log(f"nothing to train: {output_dir} is a finished run ({info.step} of {finished['total_steps']} steps) and "
+            f"its adapter is final; to train longer raise train.max_steps (or train.epochs) and --resume latest, to "
+            f"start again use --overwrite")
+        return finished
     in_place = info is not None and info.path.resolve().parent == output_dir.resolve()
     overwrite = cfg.output.overwrite or (resume == "latest" and info is None)  # nothing finished there to lose
     if resume_from is not None:
@@ -489,6 +503,21 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
     return summary
 
 
+def finished_run(output_dir: Path, step: int, cfg: RunConfig) -> dict[str, Any] | None:
+    """The summary of a run that ended normally at checkpoint `step`, when cfg asks for no more steps than it ran
+    (same train.max_steps, or same train.epochs when steps come from epochs); else None."""
+    try:
+        summary = json.loads((output_dir / "summary.json").read_text(encoding="utf-8"))
+        saved = json.loads((output_dir / "config.json").read_text(encoding="utf-8")).get("train", {})
+    except (OSError, ValueError):
+        return None
+    if summary.get("stopped_early") or summary.get("step") != step or summary.get("total_steps") != step:
+        return None
+    if cfg.train.max_steps > 0:
+        return summary if cfg.train.max_steps <= step else None
+    return summary if saved.get("max_steps", -1) <= 0 and saved.get("epochs") == cfg.train.epochs else None
+
+
 def _quiet(message: str) -> None:
     """The log of ranks other than 0: rank 0 speaks for the run."""
 
@@ -499,6 +528,7 @@ def train_command(args: Any) -> int:
     from thinktune.distributed import launch, under_torchrun
 
     cfg = load_config(args.config, args.overrides)
+    cfg.output.overwrite = cfg.output.overwrite or args.overwrite
     if args.gpus is not None and args.gpus > 1 and not under_torchrun():
         argv = ["train", args.config, *args.overrides] + (["--resume", args.resume] if args.resume else [])
         return launch(args.gpus, (["--debug"] if args.debug else []) + argv, cfg)
