@@ -220,8 +220,16 @@ class Model:
     """
 
     def __init__(self, adapter: str | Path | None = None, base: str | None = None, template: str | None = None):
+        from transformers.utils import logging as hf_logging
+
         self.adapter = str(adapter) if adapter is not None else None
-        self.model, self.tokenizer, self.model_config = load_with_adapter(adapter, base)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # loading is quiet, as in the CLI; restored after
+        try:
+            self.model, self.tokenizer, self.model_config = load_with_adapter(adapter, base)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         self.base = base or self.model_config.name_or_path
         self.format = PromptFormat(template_of(adapter, template), self.tokenizer)
 
