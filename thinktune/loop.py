@@ -192,6 +192,7 @@ class Trainer:
         self.state = LoopState()
         self.metrics: MetricsWriter | None = None
         self.last_eval_step = -1
+        self.stopped_early = False  # a Ctrl-C/SIGTERM ended the steps before the total
         self.saved_step = -1  # the step whose checkpoint is already on disk (never written twice)
 
     # ---------------------------------------------------------------- checkpoint state
@@ -332,9 +333,15 @@ class Trainer:
                     self.last_eval_step = self.state.step  # evaluated just before that checkpoint was saved
         self.run.model.train()
         started = time.time()
-        stopped_early = False
         bar = tqdm(total=self.total, initial=self.state.step, disable=not self.is_main, dynamic_ncols=True, unit="step")
-        with GracefulStop() as stop, bar:  # the bar closes before any error line is printed
+        with GracefulStop() as stop:  # covers the final save too: a second Ctrl-C there also quits at once
+            self.train_steps(stop, bar, started)
+            return self.finish(started, self.stopped_early)
+
+    def train_steps(self, stop: GracefulStop, bar: Any, started: float) -> None:
+        """The optimizer steps up to the total, or until a stop was asked for (then self.stopped_early)."""
+        cfg = self.cfg
+        with bar:  # the bar closes before any error line is printed
             while self.state.step < self.total:
                 # micro_batch counts the run's micro-batches over all ranks; the source deals them to the ranks
                 batches = self.stream.for_step(self.state.micro_batch)
@@ -354,10 +361,8 @@ class Trainer:
                 if at_save and self.state.step < self.total:
                     self.save_main()
                 if self.parallel.any_true(stop.requested) and self.state.step < self.total:  # finish() saves
-                    stopped_early = True
+                    self.stopped_early = True
                     break
-        bar.close()
-        return self.finish(started, stopped_early)
 
     def stop_bad_steps(self, started: float) -> TrainingStopped:
         """K bad steps in a row: save (skipped steps updated nothing, so the weights are the last good ones)."""
@@ -508,7 +513,9 @@ def finished_run(output_dir: Path, step: int, cfg: RunConfig) -> dict[str, Any] 
     (same train.max_steps, or same train.epochs when steps come from epochs); else None."""
     try:
         summary = json.loads((output_dir / "summary.json").read_text(encoding="utf-8"))
-        saved = json.loads((output_dir / "config.json").read_text(encoding="utf-8")).get("train", {})
+        config_file = next((f for f in (output_dir / "thinktune_config.json", output_dir / "config.json") if f.is_file()),
+                           output_dir / "config.json")
+        saved = json.loads(config_file.read_text(encoding="utf-8")).get("train", {})
     except (OSError, ValueError):
         return None
     if summary.get("stopped_early") or summary.get("step") != step or summary.get("total_steps") != step:
