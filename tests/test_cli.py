@@ -51,3 +51,48 @@ def test_train_cli_and_api(tiny_qwen2: Path, tmp_path: Path, capsys):
     assert (out_dir / "adapter_model.safetensors").read_bytes() == before
     summary = thinktune.train(str(cfg_path), overrides=[f"output.output_dir={tmp_path / 'api'}", "train.max_steps=1"])
     assert summary["step"] == 1 and not summary["stopped_early"]
+
+
+def test_version_and_help_on_every_argument(capsys):
+    import argparse
+
+    import pytest
+
+    from thinktune.cli import build_parser
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"thinktune {thinktune.__version__}"
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"thinktune {name} {action.dest}: no help text"
+        text = command.format_help()
+        for action in command._actions:  # every non-empty default is shown
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert f"default: {action.default}" in " ".join(text.split()), f"{name} {action.dest}"
+    demo_help = " ".join(sub.choices["demo"].format_help().split())
+    assert "(default: demo-output)" in demo_help and "(default: False)" not in demo_help
+
+
+def test_estimate_full_and_cpu_config(capsys):
+    assert main(["estimate", "r1-7b", "--mode", "full", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main(["estimate", "r1-7b", "--mode", "lora", "--json"]) == 0
+    lora = json.loads(capsys.readouterr().out)
+    params = full["trainable_params"]
+    assert 7.0e9 < params < 8.0e9 and full["mode"] == "full"
+    # bf16 weights + bf16 grads + fp32 master copy; the seed's optimizer (adamw_8bit) ~2 bytes/param
+    assert full["weights"] == 2 * params and full["grads"] == 2 * params and full["adapters"] == 4 * params
+    assert 2 * params <= full["optimizer"] <= 2.1 * params
+    assert full["peak"] > 4 * lora["peak"]
+    assert main(["estimate", "r1-7b", "--mode", "full", "--optimizer", "adamw", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["optimizer"] == 8 * params + 4  # fp32 exp_avg + exp_avg_sq (+ step)
+    assert main(["estimate", "--config", "configs/demo.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "a CPU run (model.device: cpu)" in out.splitlines()[0] and "trains on the CPU" in out
+    assert main(["estimate", "--config", "configs/r1-medical-zh.yaml"]) == 0
+    assert "CPU" not in capsys.readouterr().out

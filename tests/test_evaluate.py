@@ -137,3 +137,30 @@ def test_eval_cli_and_report_end_to_end(trained, capsys):
     text = html.read_text()
     assert "Evaluation: base vs tuned" in text and "grad-norm spikes" in text
     assert "Answers to 1 held-out questions" in md.read_text()
+
+
+def test_questions_limit_generation_not_the_loss_and_progress_shows(trained, capsys):
+    from thinktune.cli import main
+
+    result = run_eval(adapter=trained, n=5, questions=2, max_new_tokens=4, log=lambda m: None)
+    assert result["rows"] == result["loss_rows"] == 5 and result["answered_rows"] == 2
+    assert [("tuned" in a, "base" in a) for a in result["answers"]] == [(True, True)] * 2 + [(False, False)] * 3
+    full = run_eval(adapter=trained, n=5, generations=False, log=lambda m: None)
+    assert full["models"]["tuned"]["loss"] == result["models"]["tuned"]["loss"]  # the loss still uses all 5 rows
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(trained), "--n", "3", "--max-new-tokens", "4", "--out", "/dev/null"]) == 0
+    captured = capsys.readouterr()
+    assert "base: generating 3 answers" in captured.err and "tuned: generating 3 answers" in captured.err
+    assert "3/3 answers" in captured.err and "eval: 3 held-out rows" in captured.out
+
+
+def test_demo_reports_rows_that_did_not_choose_its_settings():
+    """The demo's settings were chosen on sample:en-dev; it reports sample:en-test; the two split the held-out set."""
+    from thinktune.config import load_config
+    from thinktune.data import SAMPLE_DIR
+
+    read = lambda name: (SAMPLE_DIR / f"medical_en_{name}.jsonl").read_text(encoding="utf-8").splitlines()  # noqa: E731
+    dev, test, heldout = read("dev"), read("test"), read("heldout")
+    assert len(dev) == 6 and len(test) == 10 and not set(dev) & set(test) and sorted(dev + test) == sorted(heldout)
+    cfg = load_config("demo")
+    assert cfg.data.eval_path == "sample:en-test"

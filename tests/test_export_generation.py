@@ -99,8 +99,27 @@ def test_cli_generate_compare_and_file(trained: Path, tmp_path: Path, capsys):
     assert {"base", "tuned"} <= set(rows[0]) and "thinking" in rows[0]["tuned"]
     printed = capsys.readouterr().out
     assert "BASE" in printed and "TUNED" in printed
-    assert main(["generate", "--adapter", str(trained), "--max-new-tokens", "4", "Why?"]) == 0
-    assert "[answer]" in capsys.readouterr().out
+    assert main(["generate", "--adapter", str(trained), "--max-new-tokens", "4", "--no-stream", "Why?"]) == 0
+    assert capsys.readouterr().out.count("[answer]") == 1
+
+
+def test_cli_generate_prints_each_answer_once(trained: Path, tmp_path: Path, capsys):
+    from thinktune.generation import Model
+
+    expected = Model(trained).answer("What is sepsis?", max_new_tokens=12)
+    assert expected.text.strip()
+    # streamed: the text as it comes, then only the status line (no second copy)
+    assert main(["generate", "--adapter", str(trained), "--max-new-tokens", "12", "What is sepsis?"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(expected.text.strip()) == 1 and "[thinking]" not in printed
+    assert f"{expected.new_tokens} tokens)" in printed
+    # --file: batched behind a progress bar on stderr, then each answer once, thinking and answer apart
+    questions = tmp_path / "q.txt"
+    questions.write_text("What is sepsis?\nWhat is gout?\nWhat is anaemia?\n")
+    assert main(["generate", "--adapter", str(trained), "--max-new-tokens", "12", "--file", str(questions)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("[thinking]") == 3 and captured.out.count("### What is sepsis?") == 1
+    assert "answering 3 questions" in captured.err and "3/3 answers" in captured.err
 
 
 def test_read_questions_errors(tmp_path: Path):

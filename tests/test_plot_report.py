@@ -142,11 +142,12 @@ def test_report_is_self_contained_and_matches_its_sources(run_dir):
         assert f"{train[0]['loss']:.4f} -&gt; {train[-1]['loss']:.4f}" in text.replace("->", "-&gt;")
         assert f"{best['eval_loss']:.4f} at step {best['step']}" in text
         assert "grad-norm spikes: 2 at step(s) 12, 30" in text
-        assert "40 of 40" in text and "123.4 s" in text
+        assert "40 of 40" in text and "2.1 min" in text  # wall time in minutes
         # the eval table and the two learning figures come from eval.json
         assert "2.432" in text and "1.234" in text and "-49.2%" in text
         assert "base 0% -&gt; tuned 100%" in text.replace("->", "-&gt;")
-    assert html.count("met</span>") == 2 and "not met" not in html
+    assert "met</span>" not in html and "demo&#x27;s target" not in html  # not the demo: the demo's targets do not apply
+    assert "caveat: only 2 held-out rows" in html and "**caveat:** only 2 held-out rows" in md
     assert "closes &lt;/think&gt;" in html and "closes &lt;/think>" in md  # shown, not eaten as a tag
     # answers: thinking and answer shown apart, HTML-escaped
     assert "Why is &lt;b&gt;x&lt;/b&gt; low?" in html and "<b>x</b>" not in html
@@ -183,3 +184,24 @@ def test_report_truncation_counts_and_cli(run_dir, capsys):
     assert main(["report", str(run_dir), "--answers", "0"]) == 0
     assert "report.html" in capsys.readouterr().out
     assert f"<td>truncated to max_seq_length</td><td>{truncated}</td>" in (run_dir / "report.html").read_text()
+
+
+def test_report_targets_only_for_the_demo_and_integer_step_ticks(run_dir, tiny_qwen2):
+    from thinktune.config import load_config
+    from thinktune.report import figure_checks, is_demo
+
+    evaluation = {**craft_eval(), "rows": 10, "answered_rows": 10}
+    (run_dir / "eval.json").write_text(json.dumps(evaluation))
+    demo = load_config("demo", [f"output.output_dir={run_dir}"]).to_dict()
+    assert is_demo(demo) and not is_demo(json.loads((run_dir / "config.json").read_text()))
+    assert not is_demo({**demo, "train": {**demo["train"], "max_steps": 3}})
+    checks = figure_checks(evaluation, demo=True)
+    assert [met for _, met in checks] == [True, True] and all("the demo's target" in text for text, _ in checks)
+    assert all(met is None for _, met in figure_checks(evaluation, demo=False))
+    html = build_report(run_dir, log=lambda m: None)[0].read_text()
+    assert "caveat" not in html  # 10 rows: enough
+    for last in (3, 5, 7):  # one to three logged steps: matplotlib alone would tick 1.875, 1.9, ...
+        short = [r for r in craft_metrics() if r["kind"] == "train" and r["step"] <= last]
+        for fig in figures(series(short)).values():
+            ticks = fig.axes[0].get_xticks()
+            assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)

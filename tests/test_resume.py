@@ -207,3 +207,54 @@ def test_out_of_memory_is_one_clear_line(tiny_qwen2: Path, tmp_path: Path, monke
     assert "data.max_seq_length (now 320)" in line and f"{out / 'checkpoint-2'} is intact" in line
     ckpt.check_checkpoint_files(out / "checkpoint-2")
     assert not [p for p in out.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]
+
+
+def test_second_ctrl_c_quits_without_saving_then_rerun_says_what_to_do(tiny_qwen2: Path, tmp_path: Path):
+    cfg = config(tiny_qwen2, tmp_path / "out", max_steps=500, save_steps=400, eval_steps=0)
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "thinktune", "train", str(cfg_path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the loop is about to start
+        if line.startswith("global batch:"):
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # long enough for the first to be handled, shorter than a step and its save
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGINT again: quitting now without saving" in out and "interrupted: quit without saving" in err
+    assert "Traceback" not in err and not ckpt.list_checkpoints(tmp_path / "out")
+    # running it again: the message says how to go on
+    rerun = subprocess.run([sys.executable, "-m", "thinktune", "train", str(cfg_path)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 2
+    assert "stopped before its first checkpoint" in rerun.stderr and "--resume latest" in rerun.stderr
+    assert "--overwrite" in rerun.stderr and rerun.stderr.count("\n") == 1
+
+
+def test_resume_latest_on_a_finished_run_trains_nothing(tiny_qwen2: Path, tmp_path: Path, capsys):
+    from thinktune.cli import main
+
+    out = tmp_path / "out"
+    cfg = config(tiny_qwen2, out, max_steps=3, save_steps=1, save_total_limit=1, eval_steps=0)
+    said: list[str] = []
+    train(cfg, log=said.append)
+    assert "removed checkpoint-1 (train.save_total_limit=1 keeps the newest)" in said
+    assert any(line.startswith("removed checkpoint-2 (train.save_total_limit=1 keeps the newest") for line in said)
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    before = (out / "adapter_model.safetensors").read_bytes(), (out / "metrics.jsonl").read_text()
+    assert main(["train", str(cfg_path), "--resume", "latest"]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing to train" in printed and "finished run (3 of 3 steps)" in printed
+    assert (before[0], before[1]) == ((out / "adapter_model.safetensors").read_bytes(), (out / "metrics.jsonl").read_text())
+    # asking for more steps does train on
+    assert main(["train", str(cfg_path), "train.max_steps=4", "--resume", "latest"]) == 0
+    assert "nothing to train" not in capsys.readouterr().out
+    assert ckpt.list_checkpoints(out)[-1].step == 4
+    # --overwrite replaces the run
+    assert main(["train", str(cfg_path), "--overwrite"]) == 0
+    assert ckpt.list_checkpoints(out)[-1].step == 3

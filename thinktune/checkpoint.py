@@ -306,10 +306,15 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> list[str]:
         raise UserError(f"output_dir {output_dir} is a file, not a folder")
     ours = owned_names(output_dir)
     others = [p.name for p in output_dir.iterdir() if p.name not in ours and not p.name.startswith(TMP_PREFIX)]
+    if ours and not overwrite and can_start_over(output_dir):
+        raise UserError(
+            f"output_dir {output_dir} holds a run stopped before its first checkpoint: start it again with "
+            f"--resume latest (from step 0), or replace it with --overwrite (output.overwrite=true)"
+        )
     if ours and not overwrite:
         raise UserError(
             f"output_dir {output_dir} holds another run ({', '.join(sorted(ours)[:4])}...): continue it with "
-            f"--resume latest, choose another output.output_dir, or set output.overwrite=true to replace it"
+            f"--resume latest, choose another output.output_dir, or replace it with --overwrite (output.overwrite=true)"
         )
     if others and not ours:
         raise UserError(

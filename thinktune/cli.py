@@ -33,49 +33,53 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML file or shipped config name (demo, r1-medical-zh, r1-medical-zh-qlora)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-4")
     p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint in output_dir, or from PATH")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in output_dir (what thinktune wrote only; = output.overwrite=true)")
     p.add_argument("--gpus", type=int, metavar="N", help="N processes on this host through torchrun (DDP, or FSDP2 with "
                    "train.distributed=fsdp); several hosts: torchrun --nnodes ... -m thinktune train CONFIG")
 
 
 def validate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--explain", action="store_true", help="list every key with its default and meaning")
+    p.add_argument("config", nargs="?", help="YAML file or shipped config name; with --explain: explain that config")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=1e-4")
+    p.add_argument("--explain", action="store_true",
+                   help="every key with its value and meaning (CONFIG's values, else the defaults)")
 
 
 def data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--examples", type=int, default=2)
+    p.add_argument("config", help="YAML file or shipped config name")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. data.max_seq_length=1024")
+    p.add_argument("--examples", type=int, default=2, help="formatted rows to print")
 
 
 def generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("questions", nargs="*")
+    p.add_argument("questions", nargs="*", help="questions to answer (quote each one)")
     p.add_argument("--adapter", help="adapter folder (output_dir or a checkpoint-N)")
     p.add_argument("--base", help="base model (hub id, folder, .gguf, embedded:smollm2); default: the adapter's")
     p.add_argument("--file", help="questions, one per line or JSONL with 'question'")
     p.add_argument("--out", help="write answers as JSONL")
     p.add_argument("--compare", action="store_true", help="show base and tuned answers side by side")
     p.add_argument("--template", choices=TEMPLATES, help="default: the adapter's training template")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per answer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (R1 authors suggest 0.6 with sampling)")
-    p.add_argument("--no-stream", action="store_true")
+    p.add_argument("--no-stream", action="store_true", help="print each answer when it is complete (--file never streams)")
     trust_argument(p)
 
 
 def merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--adapter", required=True, help="adapter folder (output_dir or a checkpoint-N)")
+    p.add_argument("--out", required=True, help="new folder for the merged model (must not hold files)")
     p.add_argument("--base", help="override the base model")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the saved weights")
     trust_argument(p)
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="demo-output")
+    p.add_argument("--out", default="demo-output", help="folder for the demo's adapter, metrics, plots and report")
     p.add_argument("--overwrite", action="store_true", help="train again even if --out holds a finished demo")
-    p.add_argument("--questions", type=int, default=3, help="held-out questions to show before/after")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("--questions", type=int, metavar="N",
+                   help="answer only the first N test questions (the loss still uses all; default: all 10); 3 are shown")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides of the demo config, e.g. train.max_steps=8")
 
 
 def eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +98,12 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     trust_argument(p)
 
 
+def init_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="shipped config to start from (demo, r1-medical-zh, r1-medical-zh-qlora)")
+    p.add_argument("path", nargs="?", help="where to write it (default: NAME.yaml in the current folder)")
+    p.add_argument("--force", action="store_true", help="replace PATH if it exists")
+
+
 def plot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output_dir", help="a run's output_dir (holds metrics.jsonl)")
 
@@ -109,7 +119,8 @@ def estimate_arguments(p: argparse.ArgumentParser) -> None:
     from thinktune.memory.shapes import PRESETS
 
     p.add_argument("model", nargs="?", help=f"preset ({', '.join(PRESETS)}), hub id in the local cache, folder or config.json")
-    p.add_argument("--mode", choices=MODES, help="default: lora (qlora when the config loads in 4-bit)")
+    p.add_argument("--mode", choices=MODES, help="default: lora (qlora when the config loads in 4-bit); full = full fine-tuning (every weight "
+                   "trained: weights + grads + AdamW states + fp32 master copy for 16-bit weights)")
     p.add_argument("--batch", type=int, help="rows per micro-batch (default: the config's, 2)")
     p.add_argument("--seq", type=int, help="tokens per row (default: data.max_seq_length, 2048)")
     p.add_argument("--r", type=int, help="LoRA rank (default 16)")
@@ -127,6 +138,17 @@ def estimate_arguments(p: argparse.ArgumentParser) -> None:
 TEMPLATES = ["seed-zh", "seed-en", "chat"]
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Each argument's help ends with its default, unless the default is empty (None/False) or already stated."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: its arguments (here) and the function that runs it (in its stage's module)."""
@@ -141,7 +163,10 @@ class Command:
 COMMANDS = (
     Command("train", "train adapters: thinktune train CONFIG.yaml [key.path=value ...] [--resume latest|PATH]",
             train_arguments, "thinktune.loop:train_command"),
-    Command("validate", "check a config and print it resolved", validate_arguments, "thinktune.config:validate_command"),
+    Command("validate", "check a config (keys, data files, device) and print it resolved; --explain: what each key means",
+            validate_arguments, "thinktune.starter:validate_command"),
+    Command("init", "write a shipped config as commented YAML to edit: thinktune init r1-medical-zh my-run.yaml",
+            init_arguments, "thinktune.starter:init_command"),
     Command("data", "preview formatted examples (loss span marked) and token-length statistics", data_arguments,
             "thinktune.setup:preview_data"),
     Command("generate", "answer questions with base or base + adapter", generate_arguments,
@@ -165,11 +190,15 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from thinktune import __version__
+
     parser = argparse.ArgumentParser(prog="thinktune", description="LoRA/QLoRA fine-tuning of reasoning LLMs on chain-of-thought data")
+    parser.add_argument("--version", action="version", version=f"thinktune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
-        p = sub.add_parser(command.name, help=command.help)
+        p = sub.add_parser(command.name, help=command.help, description=command.help,
+                           formatter_class=HelpWithDefaults)
         command.add_arguments(p)
         p.set_defaults(run=command.run)
     return parser
@@ -209,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: quit without saving", file=sys.stderr)
         return 130
 
 

@@ -469,13 +469,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A YAML path, or the name of a shipped config ('demo', 'r1-medical-zh')."""
+    """A YAML path, or a shipped config: its name ('demo') or, when no such local file exists,
+    'configs/NAME.yaml' (the README's paths, which work from an installed package too)."""
     candidate = Path(path)
     if candidate.is_file():
         return candidate
     shipped = SHIPPED_DIR / f"{path}.yaml"
     if not candidate.suffix and shipped.is_file():
         return shipped
+    if candidate.parent == Path("configs") and candidate.suffix in (".yaml", ".yml") and (SHIPPED_DIR / candidate.name).is_file():
+        return SHIPPED_DIR / candidate.name
     names = sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
     if candidate.exists():
         raise UserError(f"config {path} is not a file")
@@ -531,19 +534,3 @@ def explain() -> str:
             lines.append(f"  # {docs.get(f.name, '')}")
             lines.append(f"  {f.name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}")
     return "\n".join(lines)
-
-
-def validate_command(args: Any) -> int:
-    """`thinktune validate CONFIG [overrides]` / `--explain`."""
-    import json
-    import sys
-
-    if args.explain:
-        print(explain())
-        return 0
-    if not args.config:
-        raise UserError("validate needs a CONFIG (or --explain)")
-    cfg = load_config(args.config, args.overrides)
-    print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
-    print(f"{args.config}: valid", file=sys.stderr)
-    return 0

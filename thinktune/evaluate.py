@@ -100,7 +100,9 @@ def resolve_run(config: RunConfig | str | Path | None, adapter: str | Path | Non
             raise UserError(f"{folder} holds no adapter yet (no adapter_config.json): train first, or pass --adapter DIR")
         return cfg, folder
     if adapter is not None:
-        folder = Path(adapter)
+        from thinktune.export import check_adapter_dir
+
+        folder = check_adapter_dir(adapter)  # a missing or non-adapter folder: before any data or model loads
         saved = read_run_config(folder)
         if saved is not None:
             cfg = config_from_dict(saved)
@@ -138,12 +140,15 @@ def completion_loss(model: Any, examples: list[Any], tokenizer: Any, batch_size:
 
 
 def greedy_answers(model: Any, tokenizer: Any, fmt: PromptFormat, questions: Sequence[Sample], max_new_tokens: int,
-                   label: str, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[FormatScore]]:
+                   label: str, log: Callable[[str], None], batch_size: int = 16,
+                   progress: bool = True) -> tuple[list[dict[str, Any]], list[FormatScore]]:
     from thinktune.generation import answer_batch
 
     count = token_counter(tokenizer)
     results, scores = [], []
-    for i, ans in enumerate(answer_batch(model, tokenizer, fmt, list(questions), max_new_tokens), start=1):
+    bar = f"{label}: generating {len(questions)} answers" if progress else None
+    answers = answer_batch(model, tokenizer, fmt, list(questions), max_new_tokens, batch_size=batch_size, progress=bar)
+    for i, ans in enumerate(answers, start=1):
         score = score_text(ans.text, ans.stopped_at_eos, count)
         results.append({**ans.as_dict(), "score": {**asdict(score), "ok": score.ok}})
         scores.append(score)
@@ -153,12 +158,13 @@ def greedy_answers(model: Any, tokenizer: Any, fmt: PromptFormat, questions: Seq
 
 def measure(model: Any, tokenizer: Any, fmt: PromptFormat, examples: list[Any], questions: Sequence[Sample],
             max_new_tokens: int, batch_size: int, amp_dtype: Any, label: str,
-            log: Callable[[str], None]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+            log: Callable[[str], None], progress: bool = True) -> tuple[dict[str, float], list[dict[str, Any]]]:
     t0 = time.perf_counter()
     row: dict[str, float] = completion_loss(model, examples, tokenizer, batch_size, amp_dtype)
     answers: list[dict[str, Any]] = []
     if questions:
-        answers, scores = greedy_answers(model, tokenizer, fmt, questions, max_new_tokens, label, log)
+        answers, scores = greedy_answers(model, tokenizer, fmt, questions, max_new_tokens, label, log,
+                                         progress=progress)
         row.update(summarize_scores(scores))
         row["mean_new_tokens"] = sum(a["new_tokens"] for a in answers) / len(answers)
     row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -171,15 +177,17 @@ def run_eval(config: RunConfig | str | Path | None = None, adapter: str | Path |
              data: str | None = None, n: int | None = None, max_new_tokens: int | None = None,
              template: str | None = None, batch_size: int | None = None, with_base: bool = True,
              generations: bool = True, out: str | Path | None = None, overrides: list[str] | None = None,
-             log: Callable[[str], None] = print, trust_remote_code: bool = False) -> dict[str, Any]:
+             log: Callable[[str], None] = print, trust_remote_code: bool = False, questions: int | None = None,
+             progress: bool = True) -> dict[str, Any]:
     """Evaluate base and base + adapter on held-out questions; return (and optionally write) the results.
 
     config / adapter / base: what to evaluate (see `thinktune eval --help`); data: held-out rows
     (default: the config's eval data); n: first N rows; max_new_tokens: generation budget
     (default `auto_budget`); with_base=False skips the base column; generations=False measures
-    the loss only; trust_remote_code lets the model's own code run (CONFIG's model.trust_remote_code
-    also does; an adapter folder's saved config never does). The dict has "models" -> {"base",
-    "tuned"} rows, "answers" and the settings.
+    the loss only; questions: generate answers for the first N rows only (the loss uses all rows);
+    progress: a progress bar on stderr while generating; trust_remote_code lets the model's own code
+    run (CONFIG's model.trust_remote_code also does; an adapter folder's saved config never does).
+    The dict has "models" -> {"base", "tuned"} rows, "answers" and the settings.
     """
     import torch
 
@@ -198,21 +206,22 @@ def run_eval(config: RunConfig | str | Path | None = None, adapter: str | Path |
     budget = max_new_tokens or auto_budget(samples, fmt, tokenizer)
     amp = precision_dtype(cfg.train.precision, model.device) if model.device.type == "cuda" else None
     bsz = batch_size or cfg.train.batch_size
-    questions = list(samples) if generations else []
-    log(f"eval: {len(samples)} held-out rows from {source}; greedy, max_new_tokens {budget}; "
-        f"{'base vs tuned' if folder and with_base else 'tuned' if folder else 'base'}")
+    asked = list(samples)[:questions] if generations else []
+    log(f"eval: {len(samples)} held-out rows from {source} (loss), {len(asked)} answered (greedy, max_new_tokens "
+        f"{budget}); {'base vs tuned' if folder and with_base else 'tuned' if folder else 'base'}")
     torch.manual_seed(0)
     models: dict[str, dict[str, float]] = {}
     answers: dict[str, list[dict[str, Any]]] = {}
     if folder is None:
-        models["base"], answers["base"] = measure(model, tokenizer, fmt, examples, questions, budget, bsz, amp, "base", log)
+        models["base"], answers["base"] = measure(model, tokenizer, fmt, examples, asked, budget, bsz, amp, "base", log,
+                                                  progress)
     else:
         if with_base:
             with model.disable_adapter():
-                models["base"], answers["base"] = measure(model, tokenizer, fmt, examples, questions, budget, bsz, amp,
-                                                          "base", log)
-        models["tuned"], answers["tuned"] = measure(model, tokenizer, fmt, examples, questions, budget, bsz, amp,
-                                                    "tuned", log)
+                models["base"], answers["base"] = measure(model, tokenizer, fmt, examples, asked, budget, bsz, amp,
+                                                          "base", log, progress)
+        models["tuned"], answers["tuned"] = measure(model, tokenizer, fmt, examples, asked, budget, bsz, amp,
+                                                    "tuned", log, progress)
     count = token_counter(tokenizer)
     reference = {
         "mean_thinking_tokens": sum(count(s.cot) for s in samples) / len(samples),
@@ -220,12 +229,12 @@ def run_eval(config: RunConfig | str | Path | None = None, adapter: str | Path |
     }
     result = {
         "adapter": str(folder) if folder else None, "base_model": model_cfg.name_or_path, "data": source,
-        "template": fmt.template, "rows": len(samples), "loss_rows": len(examples),
+        "template": fmt.template, "rows": len(samples), "loss_rows": len(examples), "answered_rows": len(asked),
         "truncated": report.truncated, "dropped": report.dropped_overlong, "max_new_tokens": budget,
         "decoding": "greedy", "length_unit": LENGTH_UNIT, "models": models, "reference": reference,
         "answers": [
             {"question": s.question, "reference": {"thinking": s.cot, "answer": s.response},
-             **{name: rows[i] for name, rows in answers.items() if rows}}
+             **{name: rows[i] for name, rows in answers.items() if i < len(rows)}}
             for i, s in enumerate(samples)
         ],
     }
@@ -299,7 +308,9 @@ def format_table(result: dict[str, Any]) -> str:
     header, rows = table_rows(result)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    title = (f"{result['rows']} held-out rows from {result['data']}; greedy, max_new_tokens {result['max_new_tokens']}; "
+    answered = result.get("answered_rows", result["rows"])
+    asked = f" ({answered} answered)" if answered != result["rows"] else ""
+    title = (f"{result['rows']} held-out rows{asked} from {result['data']}; greedy, max_new_tokens {result['max_new_tokens']}; "
              f"lengths in {result['length_unit']}")
     return "\n".join([title, line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 

@@ -29,6 +29,7 @@ import torch
 
 from thinktune import checkpoint as ckpt
 from thinktune.batches import BatchSource, MicroBatches
+from thinktune.checks import check_before_loading
 from thinktune.config import RunConfig
 from thinktune.distributed import Gathered, Parallel, init_parallel
 from thinktune.errors import TrainingStopped, UserError
@@ -79,6 +80,8 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:  # second Ctrl-C: stop now
+            print(f"\n{signal.Signals(signum).name} again: quitting now without saving (the last checkpoint, if "
+                  f"any, stays; continue with --resume latest)", flush=True)
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping", flush=True)
@@ -194,6 +197,7 @@ class Trainer:
         self.state = LoopState()
         self.metrics: MetricsWriter | None = None
         self.last_eval_step = -1
+        self.stopped_early = False  # a Ctrl-C/SIGTERM ended the steps before the total
         self.saved_step = -1  # the step whose checkpoint is already on disk (never written twice)
 
     # ---------------------------------------------------------------- checkpoint state
@@ -222,8 +226,11 @@ class Trainer:
         path = ckpt.write_checkpoint(self.output_dir, step, write_files, {"base_model": base_model_id(self.cfg.model)})
         self.saved_step = step
         self.log(f"checkpoint saved: {path}")
-        ckpt.prune_checkpoints(self.output_dir, self.cfg.train.save_total_limit,
-                               protect={Path(self.state.best_checkpoint)} if self.state.best_checkpoint else None)
+        removed = ckpt.prune_checkpoints(self.output_dir, self.cfg.train.save_total_limit,
+                                         protect={Path(self.state.best_checkpoint)} if self.state.best_checkpoint else None)
+        if removed:
+            self.log(f"removed {', '.join(p.name for p in removed)} (train.save_total_limit="
+                     f"{self.cfg.train.save_total_limit} keeps the newest{' and the best-eval one' if self.state.best_checkpoint else ''})")
         return path
 
     def restore(self, folder: Path) -> None:
@@ -304,6 +311,7 @@ class Trainer:
         if self.cfg.train.objective == "grpo":
             self.evaluate_problems()
             return None
+        self.log(f"evaluating at step {self.state.step} on {len(self.run.eval_examples)} held-out rows ...")
         try:
             loss, tokens = heldout_loss(self.run.model, self.run.eval_examples, self.cfg.train.batch_size, self.pad_id,
                                          self.run.device, self.amp_dtype)
@@ -351,9 +359,15 @@ class Trainer:
             self.maybe_evaluate(force=True)  # the starting point: held-out accuracy and format before training
         self.run.model.train()
         started = time.time()
-        stopped_early = False
         bar = tqdm(total=self.total, initial=self.state.step, disable=not self.is_main, dynamic_ncols=True, unit="step")
-        with GracefulStop() as stop, bar:  # the bar closes before any error line is printed
+        with GracefulStop() as stop:  # covers the final save too: a second Ctrl-C there also quits at once
+            self.train_steps(stop, bar, started)
+            return self.finish(started, self.stopped_early)
+
+    def train_steps(self, stop: GracefulStop, bar: Any, started: float) -> None:
+        """The optimizer steps up to the total, or until a stop was asked for (then self.stopped_early)."""
+        cfg = self.cfg
+        with bar:  # the bar closes before any error line is printed
             while self.state.step < self.total:
                 # micro_batch counts the run's micro-batches over all ranks; the source deals them to the ranks
                 try:  # RL samples its micro-batches here, on the current weights
@@ -376,10 +390,8 @@ class Trainer:
                 if at_save and self.state.step < self.total:
                     self.save_main()
                 if self.parallel.any_true(stop.requested) and self.state.step < self.total:  # finish() saves
-                    stopped_early = True
+                    self.stopped_early = True
                     break
-        bar.close()
-        return self.finish(started, stopped_early)
 
     def stop_bad_steps(self, started: float) -> TrainingStopped:
         """K bad steps in a row: save (skipped steps updated nothing, so the weights are the last good ones)."""
@@ -484,9 +496,16 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
     parallel = init_parallel(cfg)  # torchrun's processes join here; a single process gets a no-op Parallel
     log = log if parallel.is_main else _quiet
     output_dir = Path(cfg.output.output_dir)
+    if parallel.is_main:
+        check_before_loading(cfg)  # missing files, 4-bit without CUDA, an unreachable hub: before any loading
     info = ckpt.find_resume_checkpoint(output_dir, resume, log) if resume and parallel.is_main else None
     info = parallel.broadcast_object(info)  # rank 0 looks (and tidies leftovers); the others follow
     resume_from = info.path if info else None
+    if info is not None and (finished := finished_run(output_dir, info.step, cfg)) is not None:
+        log(f"nothing to train: {output_dir} is a finished run ({info.step} of {finished['total_steps']} steps) and "
+            f"its adapter is final; to train longer raise train.max_steps (or train.epochs) and --resume latest, to "
+            f"start again use --overwrite")
+        return finished
     in_place = info is not None and info.path.resolve().parent == output_dir.resolve()
     overwrite = cfg.output.overwrite or (resume == "latest" and info is None)  # nothing finished there to lose
     if resume_from is not None:
@@ -532,6 +551,23 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
     return summary
 
 
+def finished_run(output_dir: Path, step: int, cfg: RunConfig) -> dict[str, Any] | None:
+    """The summary of a run that ended normally at checkpoint `step`, when cfg asks for no more steps than it ran
+    (same train.max_steps, or same train.epochs when steps come from epochs); else None."""
+    try:
+        summary = json.loads((output_dir / "summary.json").read_text(encoding="utf-8"))
+        config_file = next((f for f in (output_dir / "thinktune_config.json", output_dir / "config.json") if f.is_file()),
+                           output_dir / "config.json")
+        saved = json.loads(config_file.read_text(encoding="utf-8")).get("train", {})
+    except (OSError, ValueError):
+        return None
+    if summary.get("stopped_early") or summary.get("step") != step or summary.get("total_steps") != step:
+        return None
+    if cfg.train.max_steps > 0:
+        return summary if cfg.train.max_steps <= step else None
+    return summary if saved.get("max_steps", -1) <= 0 and saved.get("epochs") == cfg.train.epochs else None
+
+
 def _quiet(message: str) -> None:
     """The log of ranks other than 0: rank 0 speaks for the run."""
 
@@ -542,6 +578,7 @@ def train_command(args: Any) -> int:
     from thinktune.distributed import launch, under_torchrun
 
     cfg = load_config(args.config, args.overrides)
+    cfg.output.overwrite = cfg.output.overwrite or args.overwrite
     if args.gpus is not None and args.gpus > 1 and not under_torchrun():
         argv = ["train", args.config, *args.overrides] + (["--resume", args.resume] if args.resume else [])
         return launch(args.gpus, (["--debug"] if args.debug else []) + argv, cfg)

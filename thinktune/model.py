@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from thinktune.checks import require_hub_model
 from thinktune.compat import clear_gguf_quantization
 from thinktune.config import ModelConfig
 from thinktune.errors import UserError
@@ -96,6 +97,7 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         return ModelSource(str(path))
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise UserError(f"model {name} not found: give a local folder, a .gguf file, a hub id (org/name) or embedded:smollm2")
+    require_hub_model(name)  # cached, or the hub answers: else one line now instead of minutes of retries
     return ModelSource(name)
 
 

@@ -80,11 +80,13 @@ def series(records: list[dict[str, Any]]) -> Series:
 
 def _figure(title: str, ylabel: str, caption: str | None = None) -> tuple[Any, Any]:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(8, 4.6), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title, fontsize=13)
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if caption:
@@ -186,7 +188,18 @@ def figures(s: Series, spike_factor: float | None = None) -> dict[str, Any]:
     }
     if s.peak_mem_gib:
         built["memory"] = lambda: memory_figure(s)
-    return {name: make() for name, make in built.items()}
+    made = {name: make() for name, make in built.items()}
+    for fig in made.values():
+        whole_step_axis(fig.axes[0])
+    return made
+
+
+def whole_step_axis(ax: Any) -> None:
+    """Ticks on whole steps only; a run with one or two logged steps gets a range wide enough to hold some."""
+    low, high = ax.get_xlim()
+    if high - low < 2:
+        middle = round((low + high) / 2)
+        ax.set_xlim(middle - 1.5, middle + 1.5)
 
 
 def spike_factor_of(output_dir: Path) -> float | None:

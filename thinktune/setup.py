@@ -184,7 +184,10 @@ def preview_data(args: argparse.Namespace) -> int:
     from thinktune.config import load_config
     from thinktune.data import length_histogram, load_samples, render_loss_span
 
+    from thinktune.checks import check_before_loading
+
     cfg = load_config(args.config, args.overrides)
+    check_before_loading(cfg, args.config, device=False)
     tokenizer = load_tokenizer(resolve_source(cfg.model), cfg.model.trust_remote_code)
     fmt = PromptFormat.from_config(cfg.data, tokenizer)
     samples, report = load_samples(cfg.data.path, cfg.data)

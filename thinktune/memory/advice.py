@@ -257,9 +257,19 @@ def estimate_command(args: Any) -> int:
              "train.packing": None if args.packing is None else str(args.packing).lower(), "train.fast_path": f"'{args.fast_path}'" if args.fast_path else None}  # quoted: YAML reads off as false
     cfg = load_config(args.config, [f"{k}={v}" for k, v in flags.items() if v is not None])
     mode = args.mode or mode_of(cfg)
-    cfg = _with(cfg, [f"model.load_in_4bit={mode == 'qlora'}", f"model.load_in_8bit={mode == 'lora-int8'}"])
+    if mode != "full":
+        cfg = _with(cfg, [f"model.load_in_4bit={mode == 'qlora'}", f"model.load_in_8bit={mode == 'lora-int8'}"])
     name, config = load_model_config(args.model or cfg.model.name_or_path)
-    if mode.startswith("infer"):
+    if mode == "full":
+        from thinktune.memory.full import estimate_full
+
+        checkpointing = {True: "on", False: "off"}.get(cfg.train.gradient_checkpointing, "on")  # type: ignore[call-overload]
+        precision = "fp32" if cfg.train.precision == "fp32" or cfg.model.dtype == "fp32" else "bf16"
+        est = estimate_full(config, cfg.train.batch_size, cfg.data.max_seq_length, cfg.train.optimizer, checkpointing,
+                            precision, name)
+        what = (f"full fine-tuning, batch {est.batch} x {est.seq}, {cfg.train.optimizer}, checkpointing "
+                f"{checkpointing}, {precision}")
+    elif mode.startswith("infer"):
         est = estimate_peak(config, mode, cfg.train.batch_size, cfg.data.max_seq_length, name=name)
         what = f"{mode}, batch {est.batch} x {est.seq} tokens of context"
     else:
@@ -269,9 +279,15 @@ def estimate_command(args: Any) -> int:
         what = (f"{mode} on the {est.path} path, batch {t.batch_size} x {cfg.data.max_seq_length}"
                 f"{' packed' if est.packed else ''}, r={cfg.lora.r} on {','.join(cfg.lora.target_modules)}, "
                 f"{t.optimizer}, checkpointing {str(t.gradient_checkpointing).lower()}, grad_accum {t.grad_accum}")
+    cpu = cfg.model.device == "cpu" and args.config is not None
+    if cpu:
+        est.notes.append(f"{args.config} trains on the CPU (model.device: cpu): no GPU is used; these figures are "
+                         f"for the same run on a GPU (on the CPU it needs about the peak in RAM"
+                         f"{', in fp32' if cfg.train.precision == 'fp32' else ''})")
     if args.json:
-        print(json.dumps(est.to_dict(), indent=2))
+        print(json.dumps({**est.to_dict(), "cpu_run": cpu}, indent=2))
     else:
-        print(f"thinktune estimate: {name}\n  {what}\n{est.table()}")
+        head = f"thinktune estimate: {name}" + (" -- a CPU run (model.device: cpu)" if cpu else "")
+        print(f"{head}\n  {what}\n{est.table()}")
     return 0
 

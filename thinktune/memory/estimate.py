@@ -161,8 +161,9 @@ class Breakdown:
         gib = lambda x: f"{x / GIB:8.2f} GiB"  # noqa: E731
         rows = [("weights", self.weights)]
         if self.trainable_params:
-            rows.append((f"adapters ({self.trainable_params / 1e6:.1f}M fp32) + grads + optimizer",
-                         self.adapters + self.grads + self.optimizer))
+            trained = (f"fp32 master ({self.trainable_params / 1e9:.2f}B) + grads + optimizer" if self.mode == "full"
+                       else f"adapters ({self.trainable_params / 1e6:.1f}M fp32) + grads + optimizer")
+            rows.append((trained, self.adapters + self.grads + self.optimizer))
         if self.kv_cache:
             rows.append(("KV cache", self.kv_cache))
         rows += [("activations", self.activations), ("logits / loss", self.loss), ("workspace (cuBLAS)", self.workspace)]
