@@ -309,6 +309,7 @@ def run_row(args: argparse.Namespace) -> int:
     def write(rec: dict) -> None:
         path.write_text(json.dumps(rec, indent=2, default=str))
 
+    write(record)  # the card is known even if the row is killed before its first step
     try:
         if args.row == "trl_bf16":
             trl_row(args, device, record, write)
@@ -328,6 +329,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def ratios(results: list[dict]) -> dict[str, float | None]:
+    """thinktune bf16 over TRL bf16: rollout and training tokens/s, whole step (TRL's seconds / ours)."""
+    tt = next((r for r in results if r["row"] == "tt_bf16"), {})
+    trl = next((r for r in results if r["row"] == "trl_bf16"), {})
+    return {"rollout": ratio(tt.get("rollout_tokens_per_s"), trl.get("rollout_tokens_per_s")),
+            "whole_step": ratio(trl.get("step_s"), tt.get("step_s")),
+            "training": ratio(tt.get("train_tokens_per_s"), trl.get("train_tokens_per_s"))}
+
+
 def table(results: list[dict], card: str) -> str:
     lines = [f"card: {card}",
              f"{'row':<9} {'rollout tok/s':>13} {'train tok/s':>11} {'step s':>7} {'peak GiB':>9} {'first s':>8} "
@@ -343,10 +353,8 @@ def table(results: list[dict], card: str) -> str:
         else:
             lines.append(f"{r['row']:<9} {'-':>13} {'-':>11} {'-':>7} {'-':>9} {'-':>8} {'-':>5}  "
                          f"{r.get('error', 'no step finished')[:80]}")
-    tt, trl = next((r for r in results if r["row"] == "tt_bf16"), {}), next((r for r in results if r["row"] == "trl_bf16"), {})
-    roll = ratio(tt.get("rollout_tokens_per_s"), trl.get("rollout_tokens_per_s"))
-    step = ratio(trl.get("step_s"), tt.get("step_s"))
-    train = ratio(tt.get("train_tokens_per_s"), trl.get("train_tokens_per_s"))
+    x = ratios(results)
+    roll, step, train = x["rollout"], x["whole_step"], x["training"]
     fmt = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
     lines.append(f"thinktune/TRL (bf16): rollout {fmt(roll)}, whole step {fmt(step)}, training {fmt(train)} "
                  f"(targets: rollout >= 3x, whole step >= 2x)")
@@ -373,7 +381,7 @@ def drive(args: argparse.Namespace) -> int:
         limit = min(args.row_s, left)
         path = out_dir / f"row_{row}.json"
         path.unlink(missing_ok=True)
-        if limit < 25:
+        if limit < args.min_row_s:
             results.append({"row": row, "error": "skipped: the driver's deadline"})
             continue
         cmd = [sys.executable, str(Path(__file__).resolve()), "--row", row, "--out", str(out_dir),
@@ -395,7 +403,7 @@ def drive(args: argparse.Namespace) -> int:
         results.append(record)
     card = next((r["card"] for r in results if r.get("card")), "unknown")
     summary = {"card": card, "date": time.strftime("%Y-%m-%d"), "versions": versions(), "tiny": args.tiny,
-               "results": results, "driver_s": round(time.perf_counter() - start, 1)}
+               "results": results, "thinktune_over_trl": ratios(results), "driver_s": round(time.perf_counter() - start, 1)}
     (out_dir / ("bench_rl_tiny.json" if args.tiny else "bench_rl.json")).write_text(json.dumps(summary, indent=2, default=str))
     print(f"versions: {json.dumps(summary['versions'])}; driver {summary['driver_s']} s")
     print(table(results, card))
@@ -411,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--row-s", type=float, default=90.0, help="wall-clock limit of one row's process")
     parser.add_argument("--deadline-s", type=float, default=240.0, help="the whole driver's limit")
+    parser.add_argument("--min-row-s", type=float, default=25.0, help="skip a row with less time left than this")
     parser.add_argument("--budget-s", type=float, default=86.0, help="(worker) the row's own time budget")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = parser.parse_args(argv)
