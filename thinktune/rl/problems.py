@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from thinktune.config import DataConfig, RLConfig
-from thinktune.data import SAMPLE_DIR, DataReport, _load_table, carve_eval, resolve_data_path
+from thinktune.data import SAMPLE_DIR, DataReport, carve_eval, resolve_data_path
 from thinktune.errors import UserError, did_you_mean
+from thinktune.sources import read_rows
 
 VERIFIABLE_SAMPLES = {
     "sample:verifiable-en": SAMPLE_DIR / "verifiable" / "medical_en_train.jsonl",
@@ -43,8 +44,8 @@ def resolve_problem_path(path: str) -> str:
 
 def load_problems(path: str, data: DataConfig, rl: RLConfig, split: str | None = None) -> tuple[list[Problem], DataReport]:
     """Read (question, reference) rows, skipping (or, with data.strict, refusing) empty and non-text fields."""
-    table = _load_table(resolve_problem_path(path), data.subset, split or data.split)
-    found = list(table.column_names)
+    table = read_rows(resolve_problem_path(path), data.subset, split or data.split)
+    found = list(table.columns)
     wanted = {"question_column": rl.question_column, "answer_column": rl.answer_column}
     missing = {key: col for key, col in wanted.items() if col not in found}
     if missing:
@@ -59,15 +60,16 @@ def load_problems(path: str, data: DataConfig, rl: RLConfig, split: str | None =
                         f"{', '.join(found) or 'none'}; map them with e.g. {' '.join(hints)}")
     report = DataReport(source=path)
     problems: list[Problem] = []
-    for row_no, row in enumerate(table, start=1):
+    for row_no, (line_no, row) in enumerate(table.rows, start=1):
         report.rows_read += 1
-        question, reference = row[rl.question_column], row[rl.answer_column]
+        question, reference = row.get(rl.question_column), row.get(rl.answer_column)
         bad = [col for col, v in ((rl.question_column, question), (rl.answer_column, reference))
                if not isinstance(v, str) or not v.strip()]
         if bad:
             if data.strict:
-                raise UserError(f"{path}: row {row_no} has an empty or non-text {', '.join(bad)} (data.strict is on; "
-                                f"fix the row or turn strict off to skip it)")
+                where = f"line {line_no}; " if table.unit == "line" else ""
+                raise UserError(f"{path}: row {row_no} has an empty or non-text {', '.join(bad)} ({where}data.strict is "
+                                f"on; fix the row or turn strict off to skip it)")
             report.skipped_bad += 1
             continue
         extra = {k: v for k, v in row.items() if k not in wanted.values()}
