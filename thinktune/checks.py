@@ -110,8 +110,8 @@ def data_problems(cfg: RunConfig, hub: bool = True) -> list[str]:
                 problems.append(f"{key}: {exc}")
         elif looks_like_file(path):
             if not Path(path).expanduser().exists():
-                problems.append(f"{key}: {path} not found (a local .jsonl/.json/.csv/.parquet file or folder, "
-                                f"sample:NAME, or a hub dataset id org/name)")
+                problems.append(f"{key} (a local .jsonl/.json/.csv/.parquet file or folder, sample:NAME, or a hub "
+                                f"dataset id org/name): {path} not found")
         elif hub and (problem := hub_problem(path, "dataset", "dataset")):
             problems.append(f"{key}: {problem} (a local path {path} does not exist either)")
     return problems
@@ -167,9 +167,11 @@ def hub_problems(cfg: RunConfig) -> list[str]:
     return [p for p in config_problems(cfg, hub=True) if p not in local]
 
 
-def check_before_loading(cfg: RunConfig, source: str = "config", hub: bool = True, device: bool = True) -> None:
+def check_before_loading(cfg: RunConfig, source: str | None = None, hub: bool = True, device: bool = True) -> None:
+    """Raise every problem `config_problems` finds as one UserError line (prefixed with `source`, the config's name)."""
     problems = config_problems(cfg, hub, device)
+    prefix = f"{source}: " if source else ""
     if len(problems) == 1:
-        raise UserError(f"{source}: {problems[0]}")
+        raise UserError(prefix + problems[0])
     if problems:
-        raise UserError(f"{source}: {len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+        raise UserError(f"{prefix}{len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
