@@ -119,7 +119,7 @@ def estimate_arguments(p: argparse.ArgumentParser) -> None:
     from thinktune.memory.shapes import PRESETS
 
     p.add_argument("model", nargs="?", help=f"preset ({', '.join(PRESETS)}), hub id in the local cache, folder or config.json")
-    p.add_argument("--mode", choices=MODES, help="default: lora (qlora when the config loads in 4-bit); full = full fine-tuning (every weight "
+    p.add_argument("--mode", choices=[*MODES, "full"], help="default: lora (qlora when the config loads in 4-bit); full = full fine-tuning (every weight "
                    "trained: weights + grads + AdamW states + fp32 master copy for 16-bit weights)")
     p.add_argument("--batch", type=int, help="rows per micro-batch (default: the config's, 2)")
     p.add_argument("--seq", type=int, help="tokens per row (default: data.max_seq_length, 2048)")
