@@ -305,8 +305,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="base model (default: the first adapter's); alone: serve this model (e.g. a merged folder)")
     parser.add_argument("--template", choices=["seed-zh", "seed-en", "chat"], help="prompt template for every model "
                         "(default: each adapter's run config, or the merged folder's thinktune.json)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 serves this machine only")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
     parser.add_argument("--max-tokens", type=int, default=2048, help="completion tokens when a request gives no max_tokens")
 
