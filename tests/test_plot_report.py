@@ -188,12 +188,13 @@ def test_report_truncation_counts_and_cli(run_dir, capsys):
 
 def test_report_targets_only_for_the_demo_and_integer_step_ticks(run_dir, tiny_qwen2):
     from thinktune.config import load_config
+    from thinktune.checkpoint import read_run_config
     from thinktune.report import figure_checks, is_demo
 
     evaluation = {**craft_eval(), "rows": 10, "answered_rows": 10}
     (run_dir / "eval.json").write_text(json.dumps(evaluation))
     demo = load_config("demo", [f"output.output_dir={run_dir}"]).to_dict()
-    assert is_demo(demo) and not is_demo(json.loads((run_dir / "config.json").read_text()))
+    assert is_demo(demo) and not is_demo(read_run_config(run_dir))
     assert not is_demo({**demo, "train": {**demo["train"], "max_steps": 3}})
     checks = figure_checks(evaluation, demo=True)
     assert [met for _, met in checks] == [True, True] and all("the demo's target" in text for text, _ in checks)
