@@ -213,15 +213,26 @@ def split_thinking(generated: str) -> tuple[str, str, bool]:
 
 # ----------------------------------------------------------------------------- loading
 
+VERIFIABLE_SAMPLES = {
+    "sample:verifiable-en": SAMPLE_DIR / "verifiable" / "medical_en_train.jsonl",
+    "sample:verifiable-en-heldout": SAMPLE_DIR / "verifiable" / "medical_en_heldout.jsonl",
+}
+"""The packaged verifiable problems (question, reference answer) for RL (`thinktune.rl.problems`)."""
+SAMPLE_NAMES = ["sample:en", "sample:en-heldout", "sample:zh", "sample:zh-heldout", *VERIFIABLE_SAMPLES]
+
+
 def resolve_data_path(path: str) -> str:
-    """'sample:en' -> the packaged English train file; 'sample:en-heldout' -> its held-out twin."""
+    """'sample:en' -> the packaged English train file; 'sample:en-heldout' -> its held-out twin;
+    'sample:verifiable-en[-heldout]' -> the packaged RL problems. The one place that knows the sample names."""
+    if path in VERIFIABLE_SAMPLES:
+        return str(VERIFIABLE_SAMPLES[path])
     if path.startswith("sample:"):
         name = path.split(":", 1)[1]
         lang, _, part = name.partition("-")
         file = SAMPLE_DIR / f"medical_{lang}_{part or 'train'}.jsonl"
         if not file.is_file():
-            choices = ["sample:en", "sample:en-heldout", "sample:zh", "sample:zh-heldout"]
-            raise UserError(f"unknown sample data '{path}'{did_you_mean(path, choices)}; choose one of {', '.join(choices)}")
+            raise UserError(f"unknown sample data '{path}'{did_you_mean(path, SAMPLE_NAMES)}; choose one of "
+                            f"{', '.join(SAMPLE_NAMES)}")
         return str(file)
     return path
 

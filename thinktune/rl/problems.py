@@ -14,14 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from thinktune.config import DataConfig, RLConfig
-from thinktune.data import SAMPLE_DIR, DataReport, carve_eval, resolve_data_path
+from thinktune.data import VERIFIABLE_SAMPLES, DataReport, carve_eval, resolve_data_path
 from thinktune.errors import UserError, did_you_mean
 from thinktune.sources import read_rows
-
-VERIFIABLE_SAMPLES = {
-    "sample:verifiable-en": SAMPLE_DIR / "verifiable" / "medical_en_train.jsonl",
-    "sample:verifiable-en-heldout": SAMPLE_DIR / "verifiable" / "medical_en_heldout.jsonl",
-}
 
 
 @dataclass
