@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from thinktune.config import RunConfig
 from thinktune.errors import UserError
+from thinktune.load_errors import first_line, hub_failure, hub_unreachable
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gz", ".txt")
 HUB_TIMEOUT_S = 3.0
@@ -26,24 +27,38 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def hub_answer(repo_id: str, repo_type: str = "model", timeout_s: float = HUB_TIMEOUT_S) -> str:
-    """Ask the hub (HF_ENDPOINT, default huggingface.co) once, without retries, about repo_id:
-    'ok' (it exists, or is gated: the hub answered), 'missing' (the hub says no such repository) or
-    'unreachable' (no connection, a timeout, or something in between that is not the hub answering)."""
+def ask_hub(repo_id: str, repo_type: str = "model", timeout_s: float = HUB_TIMEOUT_S) -> BaseException | None:
+    """Ask the hub (HF_ENDPOINT, default huggingface.co) once, without retries, about repo_id: None when it
+    answered that the repository exists (or is gated: the loader then says so), else the exception raised."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError
 
     api = HfApi()
     info = api.model_info if repo_type == "model" else api.dataset_info
     try:
         info(repo_id, timeout=timeout_s)
     except GatedRepoError:
+        return None
+    except Exception as exc:  # not found, a refused login, no connection, DNS, timeout, a proxy's own error page
+        return exc
+    return None
+
+
+def hub_answered(exc: BaseException) -> bool:
+    """Whether exc is the hub's own answer about the repository (HTTP 401/403/404), not a failure to reach it
+    (a proxy's error page, a 5xx, no connection)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return isinstance(exc, HfHubHTTPError) and getattr(exc.response, "status_code", None) in (401, 403, 404)
+
+
+def hub_answer(repo_id: str, repo_type: str = "model", timeout_s: float = HUB_TIMEOUT_S) -> str:
+    """'ok' (it exists, or is gated), 'missing' (the hub answered no: not found, or not without a login) or
+    'unreachable' (no connection, a timeout, or something in between that is not the hub answering)."""
+    exc = ask_hub(repo_id, repo_type, timeout_s)
+    if exc is None:
         return "ok"
-    except RepositoryNotFoundError:
-        return "missing"
-    except Exception:  # connection refused, DNS, timeout, a proxy's own error page
-        return "unreachable"
-    return "ok"
+    return "missing" if hub_answered(exc) else "unreachable"
 
 
 def hub_cached(repo_id: str, repo_type: str = "model") -> bool:
@@ -72,15 +87,15 @@ def hub_problem(repo_id: str, what: str = "model", repo_type: str = "model") -> 
     if is_offline():
         return (f"{what} {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set: {download}, "
                 f"or point HF_HOME at a cache that holds it")
-    answer = hub_answer(repo_id, repo_type)
-    if answer == "missing":
-        return (f"{what} {repo_id} does not exist on the hub (check the spelling; a private repository needs "
-                f"`hf auth login`)")
-    if answer == "unreachable":
-        host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
-        return (f"{what} {repo_id} is not in the local cache and the hub ({host}) cannot be reached: {download}; "
-                f"with files already cached elsewhere, set HF_HUB_OFFLINE=1 and HF_HOME")
-    return None
+    exc = ask_hub(repo_id, repo_type)
+    if exc is None:
+        return None
+    if hub_answered(exc):  # not found / log in: the loaders' words (load_errors.hub_failure)
+        return hub_failure(exc, repr(repo_id), what)
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    return (f"{what} {repo_id} is not in the local cache and the hub ({host}) cannot be reached: "
+            f"{hub_unreachable(repr(repo_id), what, first_line(exc))}; {download}; with files already cached "
+            f"elsewhere, set HF_HUB_OFFLINE=1 and HF_HOME")
 
 
 def require_hub_model(repo_id: str) -> None:
@@ -112,7 +127,7 @@ def data_problems(cfg: RunConfig, hub: bool = True) -> list[str]:
             if not Path(path).expanduser().exists():
                 problems.append(f"{key} (a local .jsonl/.json/.csv/.parquet file or folder, sample:NAME, or a hub "
                                 f"dataset id org/name): {path} not found")
-        elif hub and (problem := hub_problem(path, "dataset", "dataset")):
+        elif hub and (problem := hub_problem(path, "data set", "dataset")):
             problems.append(f"{key}: {problem} (a local path {path} does not exist either)")
     return problems
 

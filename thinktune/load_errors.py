@@ -27,7 +27,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return lines[0].strip()[:200] if lines else type(exc).__name__
 
@@ -47,7 +47,8 @@ def hub_failure(exc: BaseException, name: str, what: str = "data set") -> str:
     if "OfflineModeIsEnabled" in kinds:
         return (f"{what} {name} is not in the local cache and offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); "
                 f"unset it on a machine with internet, or give a local file")
-    if "GatedRepoError" in kinds or "gated" in text.lower():
+    said_gated = "gated" in text.lower().replace("private or gated repo", "")  # the hub client's not-found hint
+    if "GatedRepoError" in kinds or said_gated:
         return (f"{what} {name} is gated on the Hugging Face Hub: request access on its page, then log in "
                 f"(hf auth login, or set HF_TOKEN)")
     if status in (401, 403):
@@ -57,9 +58,15 @@ def hub_failure(exc: BaseException, name: str, what: str = "data set") -> str:
         return (f"{what} {name} was not found on the Hugging Face Hub: check the id's spelling (org/name); a private "
                 f"one needs a login (hf auth login)")
     if kinds & NETWORK:
-        return (f"could not reach the Hugging Face Hub for {what} {name} (network: {_first_line(exc)}); check the "
-                f"connection or proxy (HTTPS_PROXY), or give a local file")
-    return f"loading {what} {name} from the Hugging Face Hub failed ({type(exc).__name__}: {_first_line(exc)})"
+        return (f"{hub_unreachable(name, what, first_line(exc))}; check the connection or proxy (HTTPS_PROXY), or "
+                f"give a local file")
+    return f"loading {what} {name} from the Hugging Face Hub failed ({type(exc).__name__}: {first_line(exc)})"
+
+
+def hub_unreachable(name: str, what: str, detail: str) -> str:
+    """The words for a Hub that did not answer (no connection, DNS, a timeout): shared by the loaders' failures
+    and the checks before loading (`thinktune.checks`)."""
+    return f"could not reach the Hugging Face Hub for {what} {name} (network: {detail})"
 
 
 def torch_load_failure(exc: BaseException, path: Path, written_with: str | None = None) -> str:
@@ -74,7 +81,7 @@ def torch_load_failure(exc: BaseException, path: Path, written_with: str | None 
     if isinstance(exc, FileNotFoundError):
         return f"{path} is missing"
     if isinstance(exc, EOFError) or "failed reading zip archive" in text or "failed finding central directory" in text:
-        return f"{path} is corrupt or truncated ({_first_line(exc)})"
+        return f"{path} is corrupt or truncated ({first_line(exc)})"
     refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if refused:
         now = torch.__version__
@@ -87,7 +94,7 @@ def torch_load_failure(exc: BaseException, path: Path, written_with: str | None 
     if "Weights only load failed" in text:
         return (f"{path} is corrupt or not a file torch.save wrote (torch's safe loader stopped at "
                 f"{_first_unsupported(text)})")
-    return f"{path} could not be read ({type(exc).__name__}: {_first_line(exc)})"
+    return f"{path} could not be read ({type(exc).__name__}: {first_line(exc)})"
 
 
 def _first_unsupported(text: str) -> str:

@@ -97,8 +97,14 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         return ModelSource(str(path))
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise UserError(f"model {name} not found: give a local folder, a .gguf file, a hub id (org/name) or embedded:smollm2")
-    require_hub_model(name)  # cached, or the hub answers: else one line now instead of minutes of retries
-    return ModelSource(name)
+    return ModelSource(name)  # a hub id: whether it can be fetched is asked when it loads (require_loadable)
+
+
+def require_loadable(source: ModelSource) -> None:
+    """Before transformers loads a hub id: cached, or the hub answers; else one line now (the offline fix)
+    instead of minutes of retries. Local folders pass untouched."""
+    if not source.gguf_file and source.path.count("/") == 1 and not Path(source.path).expanduser().exists():
+        require_hub_model(source.path)
 
 
 def base_model_id(cfg: ModelConfig) -> str:
@@ -154,6 +160,7 @@ def asks_for_remote_code(exc: BaseException) -> bool:
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    require_loadable(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -191,6 +198,7 @@ def load_base_model(cfg: ModelConfig, source: ModelSource | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     source = source or resolve_source(cfg)
+    require_loadable(source)
     device = pick_device(cfg)
     dtype = pick_dtype(cfg, device)
     quant = quantization_config(cfg, dtype)
