@@ -496,21 +496,21 @@ def train(cfg: RunConfig, resume: str | None = None, log: Callable[[str], None] 
     parallel = init_parallel(cfg)  # torchrun's processes join here; a single process gets a no-op Parallel
     log = log if parallel.is_main else _quiet
     output_dir = Path(cfg.output.output_dir)
-    if parallel.is_main:
-        check_before_loading(cfg)  # missing files, 4-bit without CUDA, an unreachable hub: before any loading
     info = ckpt.find_resume_checkpoint(output_dir, resume, log) if resume and parallel.is_main else None
     info = parallel.broadcast_object(info)  # rank 0 looks (and tidies leftovers); the others follow
     resume_from = info.path if info else None
+    if resume_from is not None:  # another base, another LoRA shape or a corrupt file is said even of a finished run
+        check_compatible(resume_from, cfg)
+        ckpt.check_checkpoint_files(resume_from)  # a corrupt checkpoint fails here, before anything is written
     if info is not None and (finished := finished_run(output_dir, info.step, cfg)) is not None:
         log(f"nothing to train: {output_dir} is a finished run ({info.step} of {finished['total_steps']} steps) and "
             f"its adapter is final; to train longer raise train.max_steps (or train.epochs) and --resume latest, to "
             f"start again use --overwrite")
         return finished
+    if parallel.is_main:  # after the checkpoint's own checks, whose message is the more specific one when resuming
+        check_before_loading(cfg)  # missing files, 4-bit without CUDA, an unreachable hub: before any loading
     in_place = info is not None and info.path.resolve().parent == output_dir.resolve()
     overwrite = cfg.output.overwrite or (resume == "latest" and info is None)  # nothing finished there to lose
-    if resume_from is not None:
-        check_compatible(resume_from, cfg)
-        ckpt.check_checkpoint_files(resume_from)  # a corrupt checkpoint fails here, before anything is written
     start = Path(cfg.model.adapter) if cfg.model.adapter and resume_from is None else None
     if start is not None:  # continue a first stage's adapter (checked before anything is loaded or written)
         if not start.is_dir():
