@@ -116,6 +116,8 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", bas
     The run's prompt template goes with it: `thinktune.json` names it and the tokenizer's chat
     template renders it (see thinktune.prompt_record).
     """
+    import torch
+
     from thinktune.data import PromptFormat
     from thinktune.prompt_record import chat_template, resolve_template, write_record
 
