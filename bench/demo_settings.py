@@ -23,7 +23,7 @@ from pathlib import Path
 
 def run_candidate(lr: float, steps: int, workdir: Path, base_row: dict | None) -> dict:
     from thinktune.config import load_config
-    from thinktune.evaluate import run_eval
+    from thinktune.evaluation import run_eval
     from thinktune.loop import train
 
     out = workdir / f"lr{lr:g}-s{steps}"

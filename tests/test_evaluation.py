@@ -1,4 +1,4 @@
-"""thinktune.evaluate: format scoring on crafted generations, and base-vs-tuned eval on a tiny trained run."""
+"""thinktune.evaluation: format scoring on crafted generations, and base-vs-tuned eval on a tiny trained run."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_config
 from thinktune.data import THINK_CLOSE
 from thinktune.errors import UserError
-from thinktune.evaluate import (FormatScore, format_table, heldout_samples, learning_figures, run_eval, score_text,
+from thinktune.evaluation import (FormatScore, format_table, heldout_samples, learning_figures, run_eval, score_text,
                                 score_tokens, summarize_scores, table_rows)
 from thinktune.metrics import read_metrics
 

@@ -77,7 +77,7 @@ def evaluate(config: "RunConfig | str | Path | None" = None, adapter: str | Path
              out: str | Path | None = None, verbose: bool = False) -> dict[str, Any]:
     """Base vs tuned on held-out rows (what `thinktune eval` measures); returns the results dict
     ("models" -> {"base", "tuned"} -> loss, ppl, format shares; "answers")."""
-    from thinktune.evaluate import run_eval
+    from thinktune.evaluation import run_eval
 
     return run_eval(config, adapter, base, data, n, max_new_tokens, with_base=with_base, generations=generations,
                     out=out, log=print if verbose else (lambda line: None), progress=verbose)
@@ -87,7 +87,7 @@ def merge(adapter: str | Path, out: str | Path, dtype: str = "bf16", base: str |
     """Merge an adapter into its base and save a 16-bit model folder; returns the folder."""
     from thinktune.export import merge as _merge
 
-    return Path(_merge(adapter, out, dtype=dtype, base=base))
+    return Path(_merge(adapter, out, dtype=dtype, base=base, log=lambda line: None))
 
 
 def plot(output_dir: str | Path) -> list[Path]:

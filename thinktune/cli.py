@@ -176,7 +176,7 @@ COMMANDS = (
     Command("demo", "offline CPU demo: tune SmolLM2-135M on the sample data, show before/after", demo_arguments,
             "thinktune.demo:demo_command"),
     Command("eval", "held-out loss/perplexity and format compliance, base vs tuned", eval_arguments,
-            "thinktune.evaluate:eval_command"),
+            "thinktune.evaluation:eval_command"),
     Command("plot", "write PNG training curves into OUTPUT_DIR/plots/", plot_arguments, "thinktune.plot:plot_command"),
     Command("report", "write OUTPUT_DIR/report.html (self-contained) and report.md", report_arguments,
             "thinktune.report:report_command"),

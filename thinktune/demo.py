@@ -52,7 +52,7 @@ def run_demo(out: str, overrides: list[str] | None = None, overwrite: bool = Fal
 
 def show_results(cfg: RunConfig, output_dir: Path, questions: int | None = None) -> int:
     """Base vs tuned on the held-out English questions -> eval.json, plots/, report.html; print the two figures."""
-    from thinktune.evaluate import EVAL_FILE, format_table, learning_figures, read_eval, run_eval
+    from thinktune.evaluation import EVAL_FILE, format_table, learning_figures, read_eval, run_eval
     from thinktune.generation import Answer, format_answer, side_by_side
     from thinktune.report import build_report
 
