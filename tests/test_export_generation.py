@@ -107,12 +107,11 @@ def test_cli_generate_prints_each_answer_once(trained: Path, tmp_path: Path, cap
     from thinktune.generation import Model
 
     expected = Model(trained).answer("What is sepsis?", max_new_tokens=12)
-    assert expected.text.strip()
-    # streamed: the text as it comes, then only the status line (no second copy)
+    # streamed: the text as it comes, then only the status line (no second, formatted copy)
     assert main(["generate", "--adapter", str(trained), "--max-new-tokens", "12", "What is sepsis?"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count(expected.text.strip()) == 1 and "[thinking]" not in printed
-    assert f"{expected.new_tokens} tokens)" in printed
+    assert "[thinking]" not in printed and "[answer]" not in printed and printed.count("tokens)") == 1
+    assert f"{expected.new_tokens} tokens)" in printed and expected.text in printed
     # --file: batched behind a progress bar on stderr, then each answer once, thinking and answer apart
     questions = tmp_path / "q.txt"
     questions.write_text("What is sepsis?\nWhat is gout?\nWhat is anaemia?\n")
