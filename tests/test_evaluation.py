@@ -127,7 +127,7 @@ def test_generations_are_scored_and_written(trained, tmp_path):
 
 def test_eval_cli_and_report_end_to_end(trained, capsys):
     from thinktune.cli import main
-    from thinktune.report import build_report
+    from thinktune.reporting import build_report
 
     assert main(["eval", "--adapter", str(trained), "--n", "1", "--max-new-tokens", "4"]) == 0
     printed = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""thinktune.plot and thinktune.report on a crafted run folder: files produced, numbers inside match the sources."""
+"""thinktune.plotting and thinktune.reporting on a crafted run folder: files produced, numbers inside match the sources."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import pytest
 from conftest import tiny_config
 from thinktune.errors import UserError
 from thinktune.model import ModelSource, load_tokenizer
-from thinktune.plot import figures, plot_run, series
-from thinktune.report import build_report, collect
+from thinktune.plotting import figures, plot_run, series
+from thinktune.reporting import build_report, collect
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SPIKES, SKIPPED = [12, 30], [21]
@@ -189,7 +189,7 @@ def test_report_truncation_counts_and_cli(run_dir, capsys):
 def test_report_targets_only_for_the_demo_and_integer_step_ticks(run_dir, tiny_qwen2):
     from thinktune.config import load_config
     from thinktune.checkpoint import read_run_config
-    from thinktune.report import figure_checks, is_demo
+    from thinktune.reporting import figure_checks, is_demo
 
     evaluation = {**craft_eval(), "rows": 10, "answered_rows": 10}
     (run_dir / "eval.json").write_text(json.dumps(evaluation))

@@ -92,14 +92,14 @@ def merge(adapter: str | Path, out: str | Path, dtype: str = "bf16", base: str |
 
 def plot(output_dir: str | Path) -> list[Path]:
     """Write a run's training curves as PNGs into OUTPUT_DIR/plots/; returns the files."""
-    from thinktune.plot import plot_run
+    from thinktune.plotting import plot_run
 
     return plot_run(output_dir)
 
 
 def report(output_dir: str | Path, answers: int = 3) -> Path:
     """Write OUTPUT_DIR/report.html (self-contained) and report.md; returns the HTML file."""
-    from thinktune.report import build_report
+    from thinktune.reporting import build_report
 
     return build_report(output_dir, answers=answers, log=lambda line: None)[0]
 

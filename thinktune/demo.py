@@ -54,7 +54,7 @@ def show_results(cfg: RunConfig, output_dir: Path, questions: int | None = None)
     """Base vs tuned on the held-out English questions -> eval.json, plots/, report.html; print the two figures."""
     from thinktune.evaluation import EVAL_FILE, format_table, learning_figures, read_eval, run_eval
     from thinktune.generation import Answer, format_answer, side_by_side
-    from thinktune.report import build_report
+    from thinktune.reporting import build_report
 
     eval_file = output_dir / EVAL_FILE
     summary_file = output_dir / "summary.json"

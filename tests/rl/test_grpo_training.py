@@ -16,7 +16,7 @@ from thinktune.config import load_config
 from thinktune.errors import UserError
 from thinktune.loop import train
 from thinktune.metrics import read_metrics
-from thinktune.report import build_report
+from thinktune.reporting import build_report
 
 REWARDS = '''
 import os, signal

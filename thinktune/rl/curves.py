@@ -4,7 +4,7 @@
 `rl_summary(records)` gives the numbers the report shows: held-out greedy accuracy and format rate
 before training (the step-0 evaluation) and after (the last one), the reward of the first and last
 logged windows, and sampled completions. Figures use matplotlib's `Figure` with the Agg canvas, as
-thinktune.plot does. This module reads metrics records; it writes nothing itself.
+thinktune.plotting does. This module reads metrics records; it writes nothing itself.
 """
 from __future__ import annotations
 

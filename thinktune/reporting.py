@@ -24,7 +24,7 @@ from thinktune.checkpoint import read_run_config
 from thinktune.errors import UserError
 from thinktune.evaluation import EVAL_FILE, learning_figures, read_eval, table_rows
 from thinktune.metrics import METRICS_FILE, read_metrics
-from thinktune.plot import PLOTS_DIR, plot_run, series, spike_caption
+from thinktune.plotting import PLOTS_DIR, plot_run, series, spike_caption
 from thinktune.rl.curves import RL_CURVES, rl_check_line, rl_summary
 
 HTML_FILE, MD_FILE = "report.html", "report.md"
