@@ -33,7 +33,8 @@ fetch .whl \
   "bitsandbytes==${BNB_VERSION:-0.50.2}"   `# QLoRA (NF4) and 8-bit AdamW` \
   "liger-kernel==${LIGER_VERSION:-0.8.5}"  `# the liger fused linear cross-entropy` \
   "datasets==${DATASETS_VERSION:-4.4.1}"   `# data loading (thinktune.data) for the GPU test run` \
-  "dill==0.4.0" "multiprocess==0.70.18"    `# datasets' needs that the image lacks`
+  "dill==0.4.0" "multiprocess==0.70.18"    `# datasets' needs that the image lacks` \
+  "gguf==0.19.0"                           `# GGUF export and its read-back test`
 # the image's CUDA is 13: the other libraries of bitsandbytes only cost transfer size
 for wheel in .whl/bitsandbytes-*.whl; do
   zip -q -d "$wheel" 'bitsandbytes/libbitsandbytes_cuda1[12]*.so' 'bitsandbytes/libbitsandbytes_rocm*.so' \
