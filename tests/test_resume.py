@@ -210,8 +210,8 @@ def test_out_of_memory_is_one_clear_line(tiny_qwen2: Path, tmp_path: Path, monke
 
 
 def test_second_ctrl_c_quits_without_saving_then_rerun_says_what_to_do(tiny_qwen2: Path, tmp_path: Path):
-    # 24 micro-batches a step: a step outlasts the 0.2 s between the two signals even on the fused fast path
-    cfg = config(tiny_qwen2, tmp_path / "out", max_steps=500, save_steps=400, eval_steps=0, grad_accum=24)
+    # 96 micro-batches a step (~3 s here): the 0.05 s between the two signals nearly always falls inside one step
+    cfg = config(tiny_qwen2, tmp_path / "out", max_steps=500, save_steps=400, eval_steps=0, grad_accum=96)
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
@@ -222,7 +222,7 @@ def test_second_ctrl_c_quits_without_saving_then_rerun_says_what_to_do(tiny_qwen
             break
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)  # long enough for the first to be handled, shorter than a step and its save
+    time.sleep(0.05)  # long enough for the first to be handled, much shorter than a step and its save
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
