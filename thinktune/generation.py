@@ -48,11 +48,19 @@ def template_of(adapter_dir: str | Path | None, template: str | None) -> str:
     return template or saved_data_config(adapter_dir).get("template", "seed-zh")
 
 
-def prompt_format(adapter_dir: str | Path | None, template: str | None, tokenizer: Any) -> PromptFormat:
-    """The adapter's training prompt format: its template (unless overridden), instruction and history switch."""
+def prompt_format(adapter_dir: str | Path | None, template: str | None, tokenizer: Any,
+                  base: str | None = None) -> PromptFormat:
+    """The adapter's training prompt format: its template (unless overridden; a merged base's record otherwise),
+    instruction and history switch."""
+    return prompt_format_and_source(adapter_dir, template, tokenizer, base)[0]
+
+
+def prompt_format_and_source(adapter_dir: str | Path | None, template: str | None, tokenizer: Any,
+                             base: str | None = None) -> tuple[PromptFormat, str]:
+    """`prompt_format` and where its template came from (for the "prompt template: ..." line)."""
+    name, where = resolve_template(adapter_dir, base, template)
     data = saved_data_config(adapter_dir)
-    return PromptFormat(template or data.get("template", "seed-zh"), tokenizer, data.get("instruction"),
-                        data.get("history_thinking", "drop"))
+    return PromptFormat(name, tokenizer, data.get("instruction"), data.get("history_thinking", "drop")), where
 
 
 def _prompt(fmt: PromptFormat, question: str | Sample) -> str:
@@ -251,9 +259,7 @@ class Model:
             if bars:
                 hf_logging.enable_progress_bar()
         self.base = base or self.model_config.name_or_path
-        name, self.template_source = resolve_template(adapter, base, template)
-        data = saved_data_config(adapter)
-        self.format = PromptFormat(name, self.tokenizer, data.get("instruction"), data.get("history_thinking", "drop"))
+        self.format, self.template_source = prompt_format_and_source(adapter, template, self.tokenizer, base)
 
     def __repr__(self) -> str:
         return f"Model(adapter={self.adapter!r}, base={self.base!r}, template={self.format.template!r})"
